@@ -1,0 +1,139 @@
+"""The `vlmkd` command line. Each command is a thin shell over a library function, prints where it
+wrote what, and turns vlmkd's own errors into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from vlmkd.errors import VlmkdError
+from vlmkd.progress import bar, console
+
+app = typer.Typer(help="Offline knowledge distillation for vision-language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Generate or inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Path = typer.Option(..., help="folder for {train,val,test}.json and images/"),
+    train: int = typer.Option(12000, help="training images"),
+    val: int = typer.Option(500, help="validation images"),
+    test: int = typer.Option(1000, help="test images"),
+    seed: int = typer.Option(0),
+    questions_per_image: int = typer.Option(2, help="question samples per training image"),
+    caption_every: int = typer.Option(4, help="a caption sample on every m-th training image (0: none)"),
+):
+    """Generate the synthetic "shapes" data set (shared/DATASET.md), deterministic from the seed."""
+    from vlmkd.data.shapes import write_dataset
+
+    sizes = {"train": train, "val": val, "test": test}
+    with bar() as p:
+        tasks = {s: p.add_task(f"shapes/{s}", total=n, unit="images") for s, n in sizes.items()}
+        paths = write_dataset(out, sizes, seed, {"train": questions_per_image}, {"train": caption_every},
+                              progress=lambda s, n: p.update(tasks[s], advance=n))
+    for split, path in paths.items():
+        console.print(f"wrote {path} ({len(json.loads(path.read_text()))} samples)")
+
+
+@app.command("train-teacher")
+def train_teacher(
+    data: Path = typer.Option(..., help="data folder with train.json and val.json (or a train manifest)"),
+    out: Path = typer.Option(..., help="where the trained teacher goes (Hugging Face format)"),
+    recipe: Path = typer.Option(Path("pipelines/teacher.yaml"), help="model and schedule"),
+    val: Path | None = typer.Option(None, help="validation manifest (default: DATA/val.json)"),
+    max_steps: int | None = typer.Option(None, help="cap each stage's steps (quick runs)"),
+    seed: int | None = typer.Option(None),
+    strict: bool = typer.Option(False, help="fail on the first bad sample instead of skipping it"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
+):
+    """Train the demo teacher from scratch: a tokenizer on the data's texts, then the recipe's stages."""
+    from vlmkd.train.teacher import train_teacher_run
+
+    _threads(threads)
+    res = train_teacher_run(data, out, recipe, val, max_steps, seed, strict)
+    console.print(f"teacher written to {res.model_dir} ({res.steps} steps, {res.seconds:.0f} s); "
+                  f"curves in {res.run_dir / 'curves.png'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="a model directory (Hugging Face format)"),
+    data: Path = typer.Option(..., help="a LLaVA-format manifest (JSON or JSONL)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the scores here as JSON"),
+    limit: int | None = typer.Option(None, help="score only the first N samples"),
+    strict: bool = typer.Option(False),
+    threads: int | None = typer.Option(None),
+):
+    """Greedy-decode every sample and score the first word of each answer, overall and per type."""
+    from vlmkd.eval.run import evaluate_model
+
+    _threads(threads)
+    res = evaluate_model(model, data, limit=limit, strict=strict)
+    print_scores({model.name: res})
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=1))
+        console.print(f"wrote {json_out}")
+
+
+def print_scores(rows: dict[str, dict]) -> None:
+    types = sorted({t for r in rows.values() for t in r["per_type"]})
+    table = Table(title="accuracy (first word, greedy)")
+    table.add_column("model")
+    table.add_column("overall", justify="right")
+    table.add_column("n", justify="right")
+    for t in types:
+        table.add_column(t, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]),
+                      *[f"{r['per_type'][t]['accuracy']:.3f}" if t in r["per_type"] else "-" for t in types])
+    console.print(table)
+
+
+@app.command("plot")
+def plot_cmd(run_dir: Path = typer.Argument(..., help="a training run folder (with metrics.jsonl)")):
+    """Draw a run's loss terms, learning rate and held-out accuracy into RUN_DIR/curves.png."""
+    from vlmkd.train.metrics import plot_run, write_csv
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise VlmkdError(f"{run_dir} has no metrics.jsonl: is it a training run folder?")
+    write_csv(run_dir)
+    console.print(f"wrote {plot_run(run_dir)}")
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo"), help="folder for data/, teacher/, cache/, students/"),
+    quick: bool = typer.Option(False, help="a tiny run to check the plumbing (minutes, low accuracy)"),
+    threads: int | None = typer.Option(None),
+):
+    """The whole default pipeline: data -> teacher -> eval, with a summary table at the end."""
+    from vlmkd.demo import run_demo
+
+    _threads(threads)
+    t0 = time.time()
+    rows = run_demo(out, quick)
+    print_scores(rows)
+    console.print(f"demo finished in {time.time() - t0:.0f} s; everything is under {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except VlmkdError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)

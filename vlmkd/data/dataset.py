@@ -1,0 +1,87 @@
+"""Samples -> model-ready tensors: tokenised once, images decoded once, batches padded with masks.
+
+A sample that cannot be used (missing or broken image, too long) is recorded in the rejects log and
+left out; `strict=True` raises on the first one instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlmkd.data.images import load_image, normalize, to_uint8
+from vlmkd.data.manifest import Reject, Sample
+from vlmkd.data.rejects import RejectLog
+from vlmkd.data.template import Encoded, Tokenizer
+from vlmkd.errors import DataError
+from vlmkd.models.build import Layout
+
+
+@dataclass
+class Item:
+    sample: Sample
+    enc: Encoded
+    pixels: np.ndarray | None  # [3, S, S] uint8
+
+
+def encode_samples(
+    samples: Sequence[Sample],
+    tokenizer: Tokenizer,
+    layout: Layout,
+    rejects: RejectLog | None = None,
+    strict: bool = False,
+    with_answer: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[Item]:
+    items = []
+    for s in samples:
+        try:
+            enc = tokenizer.encode(s, with_answer=with_answer)
+            pixels = to_uint8(load_image(s.image, s.id), layout.pixels) if s.image is not None else None
+            items.append(Item(s, enc, pixels))
+        except DataError as e:
+            if strict:
+                raise
+            if rejects is not None:
+                rejects.add(Reject(s.id, str(s.image) if s.image else "", str(e)))
+        if progress:
+            progress(1)
+    return items
+
+
+def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: bool = False) -> dict:
+    """Right-padded batch. `prompt_only` cuts each row at its prompt (for generation).
+
+    Returns input_ids [B, T], attention_mask [B, T], labels_mask [B, T] (response positions),
+    image_mask [B, T] (visual positions), pixel_values in the layout the model expects.
+    """
+    rows = [it.enc.input_ids[: it.enc.prompt_len] if prompt_only else it.enc.input_ids for it in items]
+    T = max(len(r) for r in rows)
+    B = len(items)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    lab = torch.zeros((B, T), dtype=torch.bool)
+    img = torch.zeros((B, T), dtype=torch.bool)
+    for i, (it, r) in enumerate(zip(items, rows, strict=True)):
+        n = len(r)
+        ids[i, :n] = torch.from_numpy(r)
+        attn[i, :n] = 1
+        if not prompt_only:
+            lab[i, :n] = torch.from_numpy(it.enc.labels_mask)
+        img[i, :n] = torch.from_numpy(it.enc.image_mask[:n])
+    batch = {"input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img}
+    if any(it.pixels is not None for it in items):
+        if any(it.pixels is None for it in items):
+            raise DataError("a batch mixes samples with and without images; batch them apart")
+        px = normalize(torch.from_numpy(np.stack([it.pixels for it in items])), layout.pixels)
+        batch["pixel_values"] = px.unsqueeze(1) if layout.arch == "idefics3" else px
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch that the HF model's forward takes."""
+    keys = ("input_ids", "attention_mask", "pixel_values")
+    return {k: batch[k] for k in keys if k in batch}

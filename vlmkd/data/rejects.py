@@ -1,0 +1,31 @@
+"""The rejects file: every sample a job skipped, with the reason, one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkd.data.manifest import Reject
+
+
+class RejectLog:
+    """Appends rejects to `path` as JSONL and counts them; `--strict` callers raise instead."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.count = 0
+        self.reasons: dict[str, int] = {}
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, reject: Reject) -> None:
+        self.count += 1
+        kind = reject.reason.split(":")[-1].strip().split(" ")[0] if reject.reason else "?"
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        if self.path:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": reject.sample_id, "source": reject.source, "reason": reject.reason}) + "\n")
+
+    def summary(self) -> str:
+        where = f" (see {self.path})" if self.path and self.count else ""
+        return f"{self.count} sample(s) rejected{where}"

@@ -1,0 +1,117 @@
+"""The chat template and tokenisation with a label mask.
+
+The conversation is rendered as segments and each segment is tokenised alone, so the assistant tokens
+(the only ones the loss sees) are known exactly, with no offset arithmetic. The `<image>` placeholder
+becomes the model's image block (for Idefics3: `<fake_token_around_image><global-img>` + N x `<image>`
++ `<fake_token_around_image>`, as its HF processor writes it; for LLaVA: N x `<image>`). The token ids
+made here are the ones the teacher scores and the student trains on: nothing re-tokenises later.
+
+Rendered form (SmolVLM style)::
+
+    <|im_start|>User:<image block>\nWhat color is the circle?<end_of_utterance>\nAssistant: red<end_of_utterance>\n
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlmkd.data.manifest import IMAGE_PLACEHOLDER, Sample
+from vlmkd.errors import DataError
+
+BOS = "<|im_start|>"
+EOU = "<end_of_utterance>"
+ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
+
+# Jinja form of the same template, saved with the tokenizer so other tools render it the same way.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' %} {% endif %}{{ message['content'] }}"
+    "{% else %}{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{% if message['role'] == 'assistant' %} {% endif %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}<image>\n{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised sample. Arrays are [T]."""
+
+    sample_id: str
+    input_ids: np.ndarray  # int64
+    labels_mask: np.ndarray  # bool: True on assistant tokens (the response positions R)
+    image_mask: np.ndarray  # bool: True on the N visual tokens (the visual positions V)
+    prompt_len: int  # tokens before the first response token (where generation starts)
+
+
+class Tokenizer:
+    """Wraps a HF tokenizer with the image block of one model layout."""
+
+    def __init__(self, hf_tokenizer, image_block: list[int], image_token_id: int, max_length: int):
+        self.hf = hf_tokenizer
+        self.image_block = list(image_block)
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.eou_id = hf_tokenizer.convert_tokens_to_ids(EOU)
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
+
+    def _ids(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _user_ids(self, text: str) -> list[int]:
+        """A user turn's text, with its `<image>` placeholder replaced by the image block."""
+        if IMAGE_PLACEHOLDER not in text:
+            return self._ids(text)
+        before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        return self._ids(before) + self.image_block + self._ids(after)
+
+    def encode(self, sample: Sample, with_answer: bool = True) -> Encoded:
+        """Token ids, label mask and image mask; `with_answer=False` stops at the generation prompt."""
+        ids: list[int] = self._ids(BOS)
+        labels: list[bool] = [False] * len(ids)
+        turns = list(sample.turns)
+        if not with_answer:
+            last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+            turns = turns[: last_user + 1]
+        for turn in turns:
+            head = self._ids(f"{ROLE_NAMES[turn.role]}:")
+            ids += head
+            labels += [False] * len(head)
+            if turn.role == "assistant":
+                body = self._ids(f" {turn.text.strip()}{EOU}")
+                ids += body
+                labels += [True] * len(body)
+                tail = self._ids("\n")
+            else:
+                tail = self._user_ids(turn.text) + self._ids(f"{EOU}\n")
+            ids += tail
+            labels += [False] * len(tail)
+        prompt_len = labels.index(True) if True in labels else len(ids)
+        if not with_answer:
+            gen = self._ids("Assistant:")
+            ids += gen
+            labels += [False] * len(gen)
+            prompt_len = len(ids)
+        arr = np.asarray(ids, dtype=np.int64)
+        if len(arr) > self.max_length:
+            raise DataError(
+                f"sample {sample.id}: {len(arr)} tokens, longer than the model's {self.max_length}; "
+                "shorten it or raise the model's max_position_embeddings"
+            )
+        image_mask = arr == self.image_token_id
+        n_img = int(image_mask.sum())
+        expected = self.image_block.count(self.image_token_id) if sample.image is not None else 0
+        if n_img != expected:
+            raise DataError(
+                f"sample {sample.id}: {n_img} image tokens after tokenisation, expected {expected} "
+                f"(does the text contain a literal image token?)"
+            )
+        return Encoded(sample.id, arr, np.asarray(labels, dtype=bool), image_mask, prompt_len)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)

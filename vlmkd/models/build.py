@@ -1,0 +1,218 @@
+"""Real transformers VLMs built from a recipe's `model:` section, saved and loaded in HF format.
+
+Architectures:
+- `idefics3` (the SmolVLM family: SigLIP-style vision tower -> pixel-shuffle connector -> Llama text
+  model): the demo layout, because vLLM's CPU build runs it.
+- `llava` (CLIP vision tower -> MLP projector -> Llama): kept working by tests.
+
+A saved model directory holds config, safetensors weights, tokenizer, chat template and processor
+config: `transformers.AutoModelForImageTextToText.from_pretrained(dir)` and vLLM load it as is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+from vlmkd.data.images import PixelSpec
+from vlmkd.data.template import Tokenizer
+from vlmkd.errors import ModelError
+from vlmkd.models import tokenizer as toks
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _text_config(text: dict, tok, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=text["hidden"],
+        intermediate_size=text.get("intermediate", 4 * text["hidden"]),
+        num_hidden_layers=text["layers"],
+        num_attention_heads=text["heads"],
+        num_key_value_heads=text.get("kv_heads", text["heads"]),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=text.get("tie_embeddings", False),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+def build_model(spec: dict, tok) -> torch.nn.Module:
+    """A randomly initialised VLM from a recipe `model:` section and the shared tokenizer."""
+    arch = spec.get("arch", "idefics3")
+    image_size = spec.get("image_size", 96)
+    vision, text = spec["vision"], spec["text"]
+    max_positions = spec.get("max_positions", 256)
+    image_token_id = tok.convert_tokens_to_ids(toks.IMAGE)
+    text_cfg = _text_config(text, tok, max_positions)
+    torch.manual_seed(spec.get("init_seed", 0))
+    if arch == "idefics3":
+        cfg = Idefics3Config(
+            vision_config=dict(
+                hidden_size=vision["hidden"],
+                intermediate_size=vision.get("intermediate", 4 * vision["hidden"]),
+                num_hidden_layers=vision["layers"],
+                num_attention_heads=vision["heads"],
+                image_size=image_size,
+                patch_size=vision["patch"],
+            ),
+            text_config=text_cfg.to_dict(),
+            scale_factor=spec.get("scale_factor", 2),
+            image_token_id=image_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=text_cfg.tie_word_embeddings,
+        )
+        model = Idefics3ForConditionalGeneration(cfg)
+    elif arch == "llava":
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=vision["hidden"],
+                intermediate_size=vision.get("intermediate", 4 * vision["hidden"]),
+                num_hidden_layers=vision["layers"],
+                num_attention_heads=vision["heads"],
+                image_size=image_size,
+                patch_size=vision["patch"],
+                projection_dim=vision["hidden"],
+            ).to_dict(),
+            text_config=text_cfg.to_dict(),
+            image_token_index=image_token_id,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=text_cfg.tie_word_embeddings,
+        )
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        raise ModelError(f"unknown model arch {arch!r}; choose idefics3 or llava")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the data path needs to know of a model: its image block, token count and pixels."""
+
+    arch: str
+    image_token_id: int
+    num_image_tokens: int
+    image_block: list[int]
+    pixels: PixelSpec
+    max_length: int
+    patch_grid: int  # visual tokens per side (the 2-D grid the image tokens come from)
+
+
+def layout_of(config, tok) -> Layout:
+    mt = config.model_type
+    v = config.vision_config
+    grid = v.image_size // v.patch_size
+    text_max = config.text_config.max_position_embeddings
+    if mt == "idefics3":
+        n = grid * grid // (config.scale_factor**2)
+        img = config.image_token_id
+        fake = tok.convert_tokens_to_ids(toks.FAKE_IMAGE)
+        glob = tok.convert_tokens_to_ids(toks.GLOBAL_IMAGE)
+        block = [fake, glob] + [img] * n + [fake]
+        return Layout(mt, img, n, block, PixelSpec(v.image_size, SIGLIP_MEAN, SIGLIP_STD), text_max,
+                      grid // config.scale_factor)
+    if mt == "llava":
+        n = grid * grid
+        img = config.image_token_index
+        return Layout(mt, img, n, [img] * n, PixelSpec(v.image_size, CLIP_MEAN, CLIP_STD), text_max, grid)
+    raise ModelError(f"model type {mt!r} is not supported yet (idefics3, llava)")
+
+
+def save_model(model, tok, out: str | Path) -> Path:
+    """Weights (safetensors), config, tokenizer and the processor config vLLM/transformers need."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    _save_processor(model.config, tok, out)
+    return out
+
+
+def _save_processor(config, tok, out: Path) -> None:
+    lay = layout_of(config, tok)
+    if lay.arch == "idefics3":
+        from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+        ip = Idefics3ImageProcessorPil(
+            do_resize=True,
+            size={"longest_edge": lay.pixels.size},
+            max_image_size={"longest_edge": lay.pixels.size},
+            do_image_splitting=False,
+            image_mean=list(lay.pixels.mean),
+            image_std=list(lay.pixels.std),
+        )
+        proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=lay.num_image_tokens,
+                                 chat_template=tok.chat_template)
+    else:
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        ip = CLIPImageProcessorPil(
+            size={"shortest_edge": lay.pixels.size},
+            crop_size={"height": lay.pixels.size, "width": lay.pixels.size},
+            image_mean=list(lay.pixels.mean),
+            image_std=list(lay.pixels.std),
+        )
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=config.vision_config.patch_size,
+                              vision_feature_select_strategy="full", chat_template=tok.chat_template,
+                              num_additional_image_tokens=0)
+    proc.save_pretrained(str(out))
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, hf tokenizer) from a saved directory; a clear error when it is not a model dir."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model directory (no config.json); train or point at one")
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+def data_tokenizer(model, tok) -> tuple[Tokenizer, Layout]:
+    lay = layout_of(model.config, tok)
+    return Tokenizer(tok, lay.image_block, lay.image_token_id, lay.max_length), lay
+
+
+def count_params(model) -> dict[str, int]:
+    parts = {"total": sum(p.numel() for p in model.parameters())}
+    for name, mod in parts_of(model).items():
+        parts[name] = sum(p.numel() for p in mod.parameters())
+    return parts
+
+
+def parts_of(model) -> dict[str, torch.nn.Module]:
+    """The three trainable groups of a VLM: vision tower, projector (connector), LLM (with LM head)."""
+    inner = model.model
+    if model.config.model_type == "idefics3":
+        vision, projector, llm = inner.vision_model, inner.connector, inner.text_model
+    else:
+        vision, projector, llm = inner.vision_tower, inner.multi_modal_projector, inner.language_model
+    return {"vision": vision, "projector": projector, "llm": torch.nn.ModuleList([llm, model.lm_head])}
+
+
+def describe(path: str | Path) -> dict:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures")}

@@ -1,0 +1,207 @@
+"""The training loop: stages, AdamW with warm-up and cosine decay, clipping, accumulation, bf16,
+periodic evaluation, checkpoints and exact resume. One readable loop for every recipe: a recipe only
+chooses the stages, the trainable parts and the loss terms (the `objective`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmkd.data.dataset import Item, collate, model_inputs
+from vlmkd.data.template import Tokenizer
+from vlmkd.eval.score import greedy_answers, score
+from vlmkd.losses.sft import response_ce
+from vlmkd.models.build import Layout, parts_of, save_model
+from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
+from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
+from vlmkd.train.recipe import Recipe, Stage
+from vlmkd.train.schedule import lr_factor
+
+# objective(stage, model, batch) -> {term name: scalar tensor}; the loop weights them by stage.losses.
+Objective = Callable[[Stage, torch.nn.Module, dict], dict[str, torch.Tensor]]
+
+
+def sft_objective(stage: Stage, model, batch: dict) -> dict[str, torch.Tensor]:
+    out = model(**model_inputs(batch))
+    return {"ce": response_ce(out.logits, batch["input_ids"], batch["labels_mask"])}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    seconds: float
+    last_eval: dict | None
+
+
+def stage_items(items: Sequence[Item], stage: Stage) -> list[Item]:
+    if stage.data == "all":
+        return list(items)
+    want_caption = stage.data == "captions"
+    return [it for it in items if _is_caption(it) == want_caption]
+
+
+def _is_caption(it: Item) -> bool:
+    return it.sample.question.lower().startswith("describe the image")
+
+
+def batch_indices(n: int, seed: int, stage_idx: int, step: int, batch: int) -> list[int]:
+    """The sample indices of optimizer micro-batch `step`: epochs are seeded permutations, so the
+    position in the data is a function of the step alone (what makes resume exact)."""
+    out = []
+    start = step * batch
+    for k in range(start, start + batch):
+        epoch, pos = divmod(k, n)
+        perm = np.random.default_rng([seed, stage_idx, epoch]).permutation(n)
+        out.append(int(perm[pos]))
+    return out
+
+
+def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, mod in parts_of(model).items():
+        if name in parts:
+            for p in mod.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, objective: Objective,
+             stage: Stage, batch_size: int = 64) -> dict:
+    """Held-out loss terms and greedy accuracy on `items`."""
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            terms = objective(stage, model, collate(chunk, layout, tok.pad_id))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    res = {f"val_{k}": v / max(1, len(items)) for k, v in sums.items()}
+    qa = [it for it in items if not _is_caption(it)]
+    if qa:
+        sc = score(qa, greedy_answers(model, qa, layout, tok))
+        res["val_accuracy"] = sc["accuracy"]
+        res.update({f"val_acc_{t}": v["accuracy"] for t, v in sc["per_type"].items()})
+    model.train()
+    return res
+
+
+def train(
+    recipe: Recipe,
+    model,
+    hf_tok,
+    tok: Tokenizer,
+    layout: Layout,
+    train_items: Sequence[Item],
+    val_items: Sequence[Item],
+    run_dir: str | Path,
+    objective: Objective = sft_objective,
+    max_steps: int | None = None,
+    resume: bool = True,
+    progress=None,
+    stop_after: int | None = None,
+    model_out: str | Path | None = None,
+) -> TrainResult:
+    """Run every stage of `recipe`; `max_steps` caps each stage; `stop_after` stops the whole run
+    after that many optimizer steps (to test resume)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    start_stage, start_step, global_step = 0, 0, 0
+    ckpt = find_checkpoint(run_dir) if resume else None
+    state = None
+    if ckpt is not None:
+        state = load_state(ckpt)
+        model.load_state_dict(_load_weights(ckpt), strict=True)
+        start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
+    metrics = MetricsLog(run_dir, resume_step=global_step)
+    (run_dir / "recipe.json").write_text(json.dumps(_recipe_dict(recipe), indent=1))
+    use_bf16 = recipe.dtype == "bfloat16"
+    t0 = time.time()
+    last_eval = None
+    done_steps = 0
+    model.train()
+    for si, stage in enumerate(recipe.stages):
+        if si < start_stage:
+            continue
+        items = stage_items(train_items, stage)
+        total = min(stage.steps, max_steps) if max_steps else stage.steps
+        params = set_trainable(model, stage.trainable)
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+        first = start_step if si == start_stage else 0
+        if state is not None and si == start_stage and first > 0:
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        val = list(val_items[: recipe.eval_samples])
+        task = (progress.add_task(f"{recipe.name}:{stage.name}", total=total, completed=first, unit="steps")
+                if progress else None)
+        for step in range(first, total):
+            lr = stage.lr * lr_factor(step, total, stage.warmup, stage.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logs: dict[str, float] = {}
+            for micro in range(stage.grad_accum):
+                idx = batch_indices(len(items), recipe.seed, si, step * stage.grad_accum + micro, stage.batch_size)
+                batch = collate([items[i] for i in idx], layout, tok.pad_id)
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                with ctx:
+                    terms = objective(stage, model, batch)
+                loss = sum(stage.losses.get(k, 1.0) * v for k, v in terms.items())
+                (loss / stage.grad_accum).backward()
+                for k, v in terms.items():
+                    logs[f"loss_{k}"] = logs.get(f"loss_{k}", 0.0) + float(v.detach()) / stage.grad_accum
+                logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / stage.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, stage.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            global_step += 1
+            done_steps += 1
+            if step % recipe.log_every == 0 or step == total - 1:
+                metrics.write({"kind": "train", "step": global_step, "stage": stage.name, "lr": lr,
+                               "grad_norm": float(gnorm), "time": time.time() - t0, **logs})
+            if progress:
+                progress.update(task, advance=1)
+            last = step == total - 1
+            if (step + 1) % recipe.eval_every == 0 or last:
+                last_eval = evaluate(model, val, layout, tok, objective, stage)
+                metrics.write({"kind": "eval", "step": global_step, "stage": stage.name, **last_eval})
+            if (step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after):
+                nxt = (si, step + 1) if not last else (si + 1, 0)
+                save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
+                                                              "global_step": global_step,
+                                                              "stage": stage.name})
+            if stop_after and done_steps >= stop_after:
+                return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
+        save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}")
+        state = None
+    model_dir = save_model(model, hf_tok, model_out or run_dir / "model")
+    write_csv(run_dir)
+    plot_run(run_dir)
+    return TrainResult(run_dir, model_dir, global_step, time.time() - t0, last_eval)
+
+
+def _load_weights(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _recipe_dict(recipe: Recipe) -> dict:
+    from dataclasses import asdict
+
+    return asdict(recipe)

@@ -1,0 +1,85 @@
+"""Pipeline recipes: one YAML file says what a run is (model, stages, losses, schedule).
+
+A recipe adds no code path of its own, only a choice of components; unknown keys are refused so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from vlmkd.errors import RecipeError
+
+PARTS = ("vision", "projector", "llm")
+DATA_KINDS = ("all", "questions", "captions")
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.05
+    batch_size: int = 32
+    grad_accum: int = 1
+    clip: float = 1.0
+    weight_decay: float = 0.01
+    trainable: list[str] = field(default_factory=lambda: list(PARTS))
+    data: str = "all"  # which samples: all, questions only, captions only
+    losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    loss_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: dict
+    stages: list[Stage]
+    seed: int = 0
+    dtype: str = "float32"  # or bfloat16 (autocast)
+    eval_every: int = 250
+    eval_samples: int = 256
+    save_every: int = 250
+    log_every: int = 10
+    data: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _build(cls, raw: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**raw)
+
+
+def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
+    if not isinstance(raw, dict) or "stages" not in raw or "model" not in raw:
+        raise RecipeError(f"{source}: a recipe needs 'model' and 'stages'")
+    stages = []
+    for i, st in enumerate(raw["stages"]):
+        stage = _build(Stage, st, f"{source} stage {i}")
+        bad = set(stage.trainable) - set(PARTS)
+        if bad:
+            raise RecipeError(f"{source} stage {stage.name}: unknown trainable part(s) {sorted(bad)}; use {PARTS}")
+        if stage.data not in DATA_KINDS:
+            raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
+        stages.append(stage)
+    rest = {k: v for k, v in raw.items() if k != "stages"}
+    rest.setdefault("name", Path(source).stem)
+    return _build(Recipe, {**rest, "stages": stages, "source": source}, source)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist (see pipelines/ for the shipped ones)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
+    return parse_recipe(raw, str(path))

@@ -137,3 +137,83 @@ def main() -> None:
     except VlmkdError as e:
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
+
+
+cache_app = typer.Typer(help="Inspect, verify and merge teacher caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: Path = typer.Option(..., help="teacher model directory (Hugging Face format)"),
+    data: Path = typer.Option(..., help="LLaVA-format data manifest (JSON or JSONL)"),
+    out: Path = typer.Option(..., help="cache folder"),
+    recipe: Path | None = typer.Option(None, help="a recipe whose `cache:` section sets the extraction"),
+    backend: str = typer.Option("hf", help="teacher backend: hf"),
+    topk: int | None = typer.Option(None, "--k", help="top-k log-probs per scored position (default 64)"),
+    score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
+    num_shards: int = typer.Option(1, help="split the data into N jobs (N GPUs or nodes)"),
+    shard_index: int = typer.Option(0, help="which of the N jobs this is"),
+    samples_per_shard: int = typer.Option(2048),
+    max_shard_mb: int = typer.Option(512),
+    batch_size: int | None = typer.Option(None),
+    strict: bool = typer.Option(False, help="fail on the first bad sample instead of recording it"),
+    overwrite: bool = typer.Option(False, help="start over even if OUT holds another cache"),
+    threads: int | None = typer.Option(None),
+):
+    """Run the teacher once over a data set and write its sparse distributions, attention maps and
+    hidden states into a sharded cache. A re-run resumes; it never writes a sample twice."""
+    from vlmkd.teacher.job import CacheJob, run_cache_job
+    from vlmkd.teacher.settings import extraction_from
+
+    _threads(threads)
+    settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size)
+    run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
+                           max_shard_mb * 2**20, strict, overwrite))
+
+
+@cache_app.command("inspect")
+def cache_inspect(cache: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """Counts, sizes, bytes per scored token per payload, and the extraction settings."""
+    from vlmkd.cache.inspect import summarize
+    from vlmkd.cache.manifest import read_manifest
+
+    info = summarize(read_manifest(cache))
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"cache {cache}")
+    table.add_column("payload")
+    table.add_column("bytes", justify="right")
+    table.add_column("bytes / scored token", justify="right")
+    for k, v in info["payload_bytes"].items():
+        table.add_row(k, f"{v:,}", f"{info['bytes_per_token'][k]:.1f}")
+    table.add_row("shards (tar)", f"{info['bytes']:,}", f"{info['bytes_per_token']['shard_total']:.1f}")
+    console.print(table)
+    console.print(f"{info['samples']} samples, {info['scored_tokens']} scored tokens, {info['shards']} shards, "
+                  f"{info['rejects']} rejects, state {info['state']}")
+    console.print(f"extraction: {info['extraction']}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache: Path = typer.Argument(...)):
+    """Check every shard's checksum and that every member decodes; exit 1 naming each bad shard."""
+    from vlmkd.cache.reader import CacheReader
+
+    problems = CacheReader(cache).verify_all()
+    for p in problems:
+        console.print(f"[red]bad:[/red] {p}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{cache}: all shards verified")
+
+
+@cache_app.command("merge")
+def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wrote into")):
+    """Join the part manifests of `--num-shards N` jobs into one cache manifest."""
+    from vlmkd.cache.manifest import totals
+    from vlmkd.teacher.job import merge_parts
+
+    m = merge_parts(cache)
+    t = totals(m)
+    console.print(f"merged {m['data']['split']['merged_parts']} parts: {t['samples']} samples in {t['shards']} shards")

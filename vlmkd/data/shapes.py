@@ -98,18 +98,31 @@ def allowed_types(scene: list[ShapeObject]) -> list[int]:
     return [1, 2, 3, 4, 5] if unique else [2, 3, 4, 5]
 
 
-def ask(scene: list[ShapeObject], qtype: int, rng: np.random.Generator) -> tuple[str, str]:
-    """One question of type `qtype` about `scene` and its one-word answer."""
+def ask(scene: list[ShapeObject], qtype: int, rng: np.random.Generator, balanced: bool = False) -> tuple[str, str]:
+    """One question of type `qtype` about `scene` and its one-word answer.
+
+    `balanced` (a training option, not the spec's distribution) asks about an occupied cell or a present
+    shape half the time in types 2, 3 and 5, so fewer answers are `nothing` / `zero`.
+    """
     by_cell = {o.cell: o for o in scene}
+
+    def pick_cell() -> int:
+        if balanced and rng.random() < 0.5:
+            return scene[int(rng.integers(len(scene)))].cell
+        return int(rng.integers(9))
+
     if qtype == 1:
         unique = [s for s in SHAPES if sum(o.shape == s for o in scene) == 1]
         shape = unique[int(rng.integers(len(unique)))]
         return f"What color is the {shape}?", next(o.color for o in scene if o.shape == shape)
     if qtype == 2:
-        cell = int(rng.integers(9))
+        cell = pick_cell()
         return f"What shape is at the {POSITIONS[cell]}?", by_cell[cell].shape if cell in by_cell else "nothing"
     if qtype == 3:
-        shape = SHAPES[int(rng.integers(3))]
+        if balanced and rng.random() < 0.5:
+            shape = scene[int(rng.integers(len(scene)))].shape
+        else:
+            shape = SHAPES[int(rng.integers(3))]
         return f"How many {shape}s are there?", COUNT_WORDS[sum(o.shape == shape for o in scene)]
     if qtype == 4:
         if rng.random() < 0.5:
@@ -120,7 +133,7 @@ def ask(scene: list[ShapeObject], qtype: int, rng: np.random.Generator) -> tuple
         present = any(o.color == color and o.shape == shape for o in scene)
         return f"Is there a {color} {shape}?", "yes" if present else "no"
     if qtype == 5:
-        cell = int(rng.integers(9))
+        cell = pick_cell()
         return (
             f"What color is the object at the {POSITIONS[cell]}?",
             by_cell[cell].color if cell in by_cell else "nothing",
@@ -128,35 +141,37 @@ def ask(scene: list[ShapeObject], qtype: int, rng: np.random.Generator) -> tuple
     raise ValueError(f"unknown question type {qtype}")
 
 
-def random_question(scene: list[ShapeObject], rng: np.random.Generator) -> tuple[int, str, str]:
+def random_question(scene: list[ShapeObject], rng: np.random.Generator, balanced: bool = False) -> tuple[int, str, str]:
     """Type uniform over the five; a scene with no uniquely-held shape redraws among types 2-5."""
     types = allowed_types(scene)
     qtype = types[int(rng.integers(len(types)))]
-    question, answer = ask(scene, qtype, rng)
+    question, answer = ask(scene, qtype, rng, balanced)
     return qtype, question, answer
 
 
-def _record(sample_id: str, image: str, prompt: str, answer: str, qtype: int | None) -> dict:
-    rec = {
-        "id": sample_id,
-        "image": image,
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{prompt}"},
-            {"from": "gpt", "value": answer},
-        ],
-    }
+def _record(sample_id: str, image: str, qas: list[tuple[str, str]], qtype: int | None) -> dict:
+    """A LLaVA record; several (question, answer) pairs make a multi-turn conversation."""
+    conv = []
+    for j, (prompt, answer) in enumerate(qas):
+        conv.append({"from": "human", "value": f"<image>\n{prompt}" if j == 0 else prompt})
+        conv.append({"from": "gpt", "value": answer})
+    rec = {"id": sample_id, "image": image, "conversations": conv}
     if qtype is not None:
         rec["question_type"] = QUESTION_TYPES[qtype]
     return rec
 
 
 def generate_split(
-    split: str, n_images: int, seed: int, questions_per_image: int = 1, caption_every: int = 0
+    split: str, n_images: int, seed: int, questions_per_image: int = 1, caption_every: int = 0,
+    turns: int = 1,
+    balanced: bool = False,
 ) -> Iterator[tuple[int, Image.Image, list[dict]]]:
     """Yield (image index, image, records) for one split.
 
-    Each image carries `questions_per_image` question samples; with `caption_every` = m > 0, every
-    m-th image also carries a caption sample (for pre-training, LLaVA-KD's DPT stage).
+    Each image carries `questions_per_image` question samples, each a conversation of `turns`
+    independent questions (turn 1 is exactly a single-question sample; more turns give a trainer
+    more answers per image at little extra cost); with `caption_every` = m > 0, every m-th image also
+    carries a caption sample (for pre-training, LLaVA-KD's DPT stage).
     """
     split_id = SPLITS.index(split)
     for i in range(n_images):
@@ -165,10 +180,11 @@ def generate_split(
         image_rel = f"images/{split}/{i:06d}.png"
         recs = []
         for q in range(questions_per_image):
-            qtype, question, answer = random_question(scene, rng)
-            recs.append(_record(f"shapes-{split}-{i:06d}-q{q}", image_rel, question, answer, qtype))
+            asked = [random_question(scene, rng, balanced) for _ in range(turns)]
+            qas = [(question, answer) for _, question, answer in asked]
+            recs.append(_record(f"shapes-{split}-{i:06d}-q{q}", image_rel, qas, asked[0][0] if turns == 1 else None))
         if caption_every and i % caption_every == 0:
-            recs.append(_record(f"shapes-{split}-{i:06d}-cap", image_rel, CAPTION_PROMPT, caption(scene), None))
+            recs.append(_record(f"shapes-{split}-{i:06d}-cap", image_rel, [(CAPTION_PROMPT, caption(scene))], None))
         yield i, render(scene), recs
 
 
@@ -179,17 +195,21 @@ def write_dataset(
     questions_per_image: dict[str, int] | None = None,
     caption_every: dict[str, int] | None = None,
     progress=None,
+    turns: dict[str, int] | None = None,
+    balanced: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Path]:
     """Write `out/{split}.json` (LLaVA conversation JSON) and `out/images/{split}/*.png`."""
     out = Path(out)
     questions_per_image = questions_per_image or {}
     caption_every = caption_every or {}
+    turns = turns or {}
     paths = {}
     for split, n in sizes.items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         records = []
         for i, img, recs in generate_split(
-            split, n, seed, questions_per_image.get(split, 1), caption_every.get(split, 0)
+            split, n, seed, questions_per_image.get(split, 1), caption_every.get(split, 0), turns.get(split, 1),
+            split in balanced,
         ):
             img.save(out / "images" / split / f"{i:06d}.png", optimize=False)
             records.extend(recs)

@@ -93,9 +93,8 @@ class Tokenizer:
             labels += [False] * len(tail)
         prompt_len = labels.index(True) if True in labels else len(ids)
         if not with_answer:
-            gen = self._ids("Assistant:")
-            ids += gen
-            labels += [False] * len(gen)
+            ids += self._ids("Assistant:")
+            labels = [False] * len(ids)  # a generation prompt has nothing to learn
             prompt_len = len(ids)
         arr = np.asarray(ids, dtype=np.int64)
         if len(arr) > self.max_length:

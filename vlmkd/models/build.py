@@ -96,7 +96,7 @@ def build_model(spec: dict, tok) -> torch.nn.Module:
             text_config=text_cfg.to_dict(),
             image_token_index=image_token_id,
             vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
+            vision_feature_select_strategy="default",
             pad_token_id=tok.pad_token_id,
             tie_word_embeddings=text_cfg.tie_word_embeddings,
         )
@@ -176,8 +176,8 @@ def _save_processor(config, tok, out: Path) -> None:
             image_std=list(lay.pixels.std),
         )
         proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=config.vision_config.patch_size,
-                              vision_feature_select_strategy="full", chat_template=tok.chat_template,
-                              num_additional_image_tokens=0)
+                              vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                              num_additional_image_tokens=1)
     proc.save_pretrained(str(out))
 
 

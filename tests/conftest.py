@@ -1,0 +1,47 @@
+"""Shared fixtures: a small shapes data set and tiny models built from configs, made once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("VLMKD_TEST_THREADS", "2")))
+
+TINY_IDEFICS3 = {
+    "arch": "idefics3",
+    "image_size": 96,
+    "scale_factor": 2,
+    "max_positions": 128,
+    "vision": {"hidden": 32, "layers": 1, "heads": 2, "patch": 16, "intermediate": 64},
+    "text": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
+}
+TINY_LLAVA = {**TINY_IDEFICS3, "arch": "llava", "vision": {**TINY_IDEFICS3["vision"], "patch": 32}}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    from vlmkd.data.shapes import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(out, {"train": 120, "val": 30, "test": 30}, seed=1, questions_per_image={"train": 2},
+                  caption_every={"train": 3})
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_tok(shapes_dir):
+    from vlmkd.data.manifest import load_samples
+    from vlmkd.models.tokenizer import train_tokenizer
+
+    samples, _ = load_samples(shapes_dir / "train.json")
+    return train_tokenizer([t.text.replace("<image>", "") for s in samples for t in s.turns])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, hf_tok):
+    from vlmkd.models.build import build_model, save_model
+
+    model = build_model(TINY_IDEFICS3, hf_tok)
+    return save_model(model, hf_tok, tmp_path_factory.mktemp("tiny") / "model")

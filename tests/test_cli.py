@@ -1,0 +1,57 @@
+"""The command line: help, error paths (one clear line, exit 2) and the quick demo end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vlmkd", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+def test_help_lists_every_command():
+    out = run("--help")
+    assert out.returncode == 0
+    for cmd in ["cache-teacher", "train-student", "data", "train-teacher", "eval", "demo", "plot"]:
+        assert cmd in out.stdout, cmd
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    out = run("eval", "--model", str(tmp_path / "nomodel"), "--data", str(tmp_path / "x.json"))
+    assert out.returncode == 2
+    assert "is not a model directory" in out.stderr and "Traceback" not in out.stderr
+    out = run("plot", str(tmp_path))
+    assert out.returncode == 2 and "no metrics.jsonl" in out.stderr
+    out = run("train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "t"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = run("eval", "--model")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_data_shapes_writes_the_splits(tmp_path):
+    out = run("data", "shapes", "--out", str(tmp_path), "--train", "4", "--val", "2", "--test", "3")
+    assert out.returncode == 0, out.stderr
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert len(test) == 3 and (tmp_path / "images/test/000002.png").is_file()
+    assert "wrote" in out.stderr
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = run("demo", "--out", str(tmp_path / "d"), "--quick")
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = tmp_path / "d"
+    assert (d / "teacher/config.json").is_file() and (d / "data/test.json").is_file()
+    scores = json.loads((d / "scores/teacher.json").read_text())
+    assert {"accuracy", "n", "per_type"} <= set(scores) and scores["n"] == 100
+    assert (d / "runs/teacher/curves.png").is_file()
+    # eval on any LLaVA manifest, with JSON out
+    res = run("eval", "--model", str(d / "teacher"), "--data", str(d / "data/val.json"), "--limit", "20",
+              "--json", str(tmp_path / "e.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 20

@@ -1,0 +1,3 @@
+from vlmkd.cli import main
+
+main()

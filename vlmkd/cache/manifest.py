@@ -1,0 +1,107 @@
+"""The cache manifest: what made the cache (fingerprint), its shards with counts and checksums, state.
+
+Written atomically (temporary file, fsync, rename) after each complete shard, so on disk it is always
+a manifest that some prefix of the job wrote, never a half one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from vlmkd.cache.format import FORMAT_VERSION, KNOWN_VERSIONS
+from vlmkd.errors import CacheError
+
+MANIFEST = "manifest.json"
+# keys that must agree for two runs (a resume, or split jobs being merged) to write the same cache
+FINGERPRINT_KEYS = ("format_version", "teacher", "tokenizer_sha256", "chat_template", "extraction", "data_sha256")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(hf_tok) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included) and the chat template."""
+    vocab = sorted(hf_tok.get_vocab().items())
+    blob = json.dumps({"vocab": vocab, "chat_template": hf_tok.chat_template or ""}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CacheError(f"{model_dir}: no safetensors weights to fingerprint")
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def part_name(num_parts: int, index: int) -> str:
+    return MANIFEST if num_parts == 1 else f"manifest.part-{index:03d}-of-{num_parts:03d}.json"
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path} does not exist: not a vlmkd cache (or its jobs were never merged: "
+                         "run `vlmkd cache merge`)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}); the manifest is corrupt") from e
+    if not isinstance(m, dict) or m.get("format") != "vlmkd-cache":
+        raise CacheError(f"{path} is not a vlmkd cache manifest")
+    v = m.get("format_version")
+    if v not in KNOWN_VERSIONS:
+        raise CacheError(f"{path}: cache format version {v} is not known to this vlmkd (reads {sorted(KNOWN_VERSIONS)}); "
+                         "upgrade vlmkd or rebuild the cache")
+    return m
+
+
+def fingerprint(m: dict) -> dict:
+    return {k: m.get(k) for k in FINGERPRINT_KEYS}
+
+
+def fingerprint_diff(a: dict, b: dict) -> list[str]:
+    return [k for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
+
+
+def new_manifest(fp: dict, data_path: str, n_samples: int, split: dict) -> dict:
+    assert fp["format_version"] == FORMAT_VERSION
+    return {"format": "vlmkd-cache", **fp, "data": {"manifest": data_path, "samples": n_samples, "split": split},
+            "payload_backends": {}, "shards": [], "state": "writing", "gram": None}
+
+
+def totals(m: dict) -> dict:
+    sh = m["shards"]
+    return {k: sum(s[k] for s in sh) for k in ("samples", "tokens", "scored_tokens", "bytes")} | {
+        "shards": len(sh), "rejects": sum(len(s["rejects"]) for s in sh)}

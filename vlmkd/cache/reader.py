@@ -1,0 +1,216 @@
+"""Stream a cache: shards in WebDataset order, split by rank and DataLoader worker, a seeded shuffle
+buffer, only the asked payloads decoded, checksums verified, hostile members refused.
+
+Position: within an epoch the order is a function of (seed, epoch, rank, worker), so a saved
+(epoch, samples yielded) pair resumes exactly; skipped samples are not decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmkd.cache import format as fmt
+from vlmkd.cache.manifest import read_manifest
+from vlmkd.errors import CacheError
+
+
+def _open_bytes(url: str) -> bytes:
+    if "://" in url and not url.startswith("file://"):
+        try:
+            import fsspec
+        except ImportError as e:
+            raise CacheError(f"{url}: reading remote caches needs fsspec (pip install fsspec)") from e
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    path = Path(url.removeprefix("file://"))
+    if not path.is_file():
+        raise CacheError(f"shard {path} is missing")
+    return path.read_bytes()
+
+
+def iter_members(data: bytes, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {payload: raw bytes}) per sample of one shard, in tar order. Refuses members a vlmkd
+    writer never makes (links, directories, paths, unknown names) and a truncated tar, naming them."""
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+        key, members = None, {}
+        for ti in tar:
+            if not ti.isreg():
+                raise CacheError(f"shard {shard}: member {ti.name!r} is not a regular file (link or device); refused")
+            parsed = fmt.split_member(ti.name)
+            if parsed is None:
+                raise CacheError(f"shard {shard}: member {ti.name!r} is not a cache member name; refused")
+            k, payload = parsed
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            f = tar.extractfile(ti)
+            blob = f.read() if f else b""
+            if len(blob) != ti.size:
+                raise CacheError(f"shard {shard}: member {ti.name!r} is truncated")
+            members[payload] = blob
+        if key is not None:
+            yield key, members
+    except (tarfile.TarError, EOFError) as e:
+        raise CacheError(f"shard {shard}: not a readable tar ({e}); the shard is truncated or corrupt") from e
+
+
+def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...], shard: str) -> dict:
+    out: dict = {"key": key}
+    try:
+        meta = json.loads(members["meta"])
+        out["id"] = meta["id"]
+        for p in payloads:
+            if p not in members:
+                raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")
+            if p == "image":
+                out["image"] = members["image"]
+            else:
+                out.update(fmt.DECODERS[p](members[p]))
+    except CacheError:
+        raise
+    except Exception as e:  # zstd, npy or JSON failure: corrupt bytes
+        raise CacheError(f"shard {shard}: sample {key} cannot be decoded ({type(e).__name__}: {e})") from e
+    return out
+
+
+class CacheReader:
+    """Iterate the samples of a cache folder (or fsspec URL of one)."""
+
+    def __init__(self, cache: str | Path, payloads=("tokens", "topk"), verify: bool = True,
+                 shuffle_buffer: int = 0, seed: int = 0, rank: int | None = None, world: int | None = None):
+        self.root = str(cache).rstrip("/")
+        self.manifest = self._manifest()
+        if self.manifest["state"] != "complete":
+            raise CacheError(f"{self.root}: the cache job has not finished (state {self.manifest['state']!r}); "
+                             "re-run it to resume")
+        unknown = set(payloads) - set(fmt.PAYLOADS)
+        if unknown:
+            raise CacheError(f"unknown payload(s) {sorted(unknown)}; the format has {fmt.PAYLOADS}")
+        self.payloads = tuple(payloads)
+        self.verify = verify
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world = rank or 0, world or 1
+
+    def _manifest(self) -> dict:
+        if "://" in self.root and not self.root.startswith("file://"):
+            return json.loads(_open_bytes(f"{self.root}/manifest.json"))
+        return read_manifest(Path(self.root.removeprefix("file://")))
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def __len__(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+    def check_tokenizer(self, student_sha: str, student_name: str = "student") -> None:
+        have = self.manifest["tokenizer_sha256"]
+        if have != student_sha:
+            raise CacheError(f"cache {self.root} was built with tokenizer {have[:16]}..., the {student_name} has "
+                             f"{student_sha[:16]}...: token ids would not mean the same; use a student with the "
+                             "teacher's tokenizer or rebuild the cache")
+
+    def gram(self) -> np.ndarray:
+        g = self.manifest.get("gram")
+        if not g:
+            raise CacheError(f"{self.root}: the cache has no LM-head Gram matrix (extraction gram: false)")
+        blob = _open_bytes(f"{self.root}/{g['file']}")
+        if self.verify and hashlib.sha256(blob).hexdigest() != g["sha256"]:
+            raise CacheError(f"{self.root}/{g['file']}: checksum mismatch; the file is corrupt")
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+
+    def read_shard(self, shard: dict) -> bytes:
+        data = _open_bytes(f"{self.root}/{shard['name']}")
+        if self.verify:
+            if len(data) != shard["bytes"]:
+                raise CacheError(f"shard {shard['name']}: {len(data)} bytes, the manifest says {shard['bytes']}; "
+                                 "truncated or replaced")
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise CacheError(f"shard {shard['name']}: checksum mismatch; the shard is corrupt")
+        return data
+
+    def my_shards(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[dict]:
+        """This (rank, worker)'s shards for `epoch`: a seeded permutation, dealt round-robin to
+        world * num_workers readers (every shard to exactly one of them)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        slots = self.world * num_workers
+        me = self.rank * num_workers + worker
+        return [self.shards[i] for i in order[me::slots]]
+
+    def samples(self, epoch: int = 0, skip: int = 0, worker: int = 0, num_workers: int = 1) -> Iterator[dict]:
+        """Decoded samples of one epoch for this rank/worker; the first `skip` are passed over undecoded."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+        buf: list[tuple[str, dict[str, bytes], str]] = []
+        n = 0
+
+        def emit(entry):
+            nonlocal n
+            n += 1
+            if n > skip:
+                return decode_sample(entry[0], entry[1], self.payloads, entry[2])
+            return None
+
+        for shard in self.my_shards(epoch, worker, num_workers):
+            for key, members in iter_members(self.read_shard(shard), shard["name"]):
+                entry = (key, members, shard["name"])
+                if self.shuffle_buffer <= 1:
+                    if (s := emit(entry)) is not None:
+                        yield s
+                    continue
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(entry)
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], entry = entry, buf[j]
+                if (s := emit(entry)) is not None:
+                    yield s
+        order = rng.permutation(len(buf))
+        for j in order:
+            if (s := emit(buf[j])) is not None:
+                yield s
+
+    def verify_all(self) -> list[str]:
+        """Every problem found: checksum, tar structure, and every member decodes. [] when sound."""
+        problems = []
+        for shard in self.shards:
+            try:
+                data = self.read_shard(shard)
+                n = 0
+                for key, members in iter_members(data, shard["name"]):
+                    decode_sample(key, members, tuple(p for p in members if p != "meta"), shard["name"])
+                    n += 1
+                if n != shard["samples"]:
+                    problems.append(f"shard {shard['name']}: {n} samples, the manifest says {shard['samples']}")
+            except CacheError as e:
+                problems.append(str(e))
+        if self.manifest.get("gram"):
+            try:
+                self.gram()
+            except CacheError as e:
+                problems.append(str(e))
+        return problems
+
+
+class CacheDataset(torch.utils.data.IterableDataset):
+    """A torch IterableDataset over a CacheReader that splits shards across DataLoader workers."""
+
+    def __init__(self, reader: CacheReader, epoch: int = 0, skip: int = 0):
+        self.reader, self.epoch, self.skip = reader, epoch, skip
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        return self.reader.samples(self.epoch, self.skip if w == 0 else 0, w, nw)

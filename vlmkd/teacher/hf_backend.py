@@ -1,0 +1,112 @@
+"""The transformers teacher backend: one teacher-forced forward per batch yields every payload.
+
+Top-k log-probs at temperature 1 (the student applies its own temperature), the tail log-mass over
+the complement (logsumexp of the rest, exact, -inf when k = V), the chosen shallow layers' text-to-
+vision attention, and visual-token hidden states, optionally through a fixed seeded projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from vlmkd.cache import format as fmt
+from vlmkd.data.dataset import Item, collate, model_inputs
+from vlmkd.models.build import data_tokenizer, load_model
+from vlmkd.models.probe import probe, visual_rows
+
+
+@dataclass
+class Extraction:
+    """What the cache job extracts; recorded in the manifest. Defaults follow the seed papers:
+    k = 64 top-k; Align-KD distils the first layer's attention; LLaVA-KD's RDist needs the final
+    visual hidden states and the LM head's Gram matrix."""
+
+    topk: int = 64
+    score_visual: bool = False  # LLaVA-KD L_vis: also score the visual-token positions
+    attn_layers: list[int] = field(default_factory=lambda: [0])
+    attn_heads: str = "mean"  # "mean" over heads, or "all"
+    hidden_points: list[str] = field(default_factory=lambda: ["projector", "final"])
+    hidden_dim: int | None = None  # reduce hidden states to r dims by a fixed seeded projection
+    hidden_seed: int = 0
+    gram: bool = True
+    batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def projection(dim: int, r: int, seed: int) -> torch.Tensor:
+    """The fixed random projection [D, r] (Gaussian / sqrt(r)); regenerate it from (D, r, seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, r, generator=g, dtype=torch.float32) / r**0.5
+
+
+def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [R, V] -> (ids [R, k], log-probs [R, k], tail log-mass [R]) at temperature 1."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    k = min(k, lp.shape[-1])
+    vals, ids = lp.topk(k, dim=-1)
+    rest = lp.scatter(-1, ids, float("-inf"))
+    return ids, vals, torch.logsumexp(rest, dim=-1)
+
+
+class HFTeacher:
+    name = "hf"
+
+    def __init__(self, model_dir, settings: Extraction, dtype: torch.dtype = torch.float32):
+        self.model, self.hf_tok = load_model(model_dir, dtype)
+        self.model.eval()
+        self.tok, self.layout = data_tokenizer(self.model, self.hf_tok)
+        self.settings = settings
+        self.vocab_size = self.model.config.text_config.vocab_size
+        self.proj = None
+        if settings.hidden_dim:
+            self.proj = projection(self.model.config.text_config.hidden_size, settings.hidden_dim, settings.hidden_seed)
+
+    def lm_head_gram(self) -> np.ndarray:
+        """G = W^T W [D, D] of the LM head, so a student can form Y Y^T = H G H^T from hidden states."""
+        w = self.model.lm_head.weight.detach().double()
+        return (w.T @ w).numpy()
+
+    @torch.no_grad()
+    def extract(self, items: list[Item]) -> list[dict[str, bytes]]:
+        """Payload members for each item (tokens, topk, attn, hidden), encoded by the cache codec."""
+        s = self.settings
+        batch = collate(items, self.layout, self.tok.pad_id)
+        with probe(self.model, batch["attention_mask"], s.attn_layers, s.hidden_points) as pr:
+            logits = self.model(**model_inputs(batch)).logits
+        out = []
+        for b, it in enumerate(items):
+            enc = it.enc
+            T = len(enc.input_ids)
+            resp = np.flatnonzero(enc.labels_mask)
+            pos = resp - 1
+            if s.score_visual:
+                pos = np.union1d(pos, np.flatnonzero(enc.image_mask))
+            ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], s.topk)
+            members = {
+                "tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
+                "topk": fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size),
+            }
+            vis = np.flatnonzero(enc.image_mask)
+            if s.attn_layers and len(vis):
+                qpos = np.arange(vis[-1] + 1, T)
+                maps = torch.stack([pr.attn[li][b] for li in s.attn_layers])  # [L, H, T, T]
+                maps = maps[:, :, torch.from_numpy(qpos)][..., torch.from_numpy(vis)]
+                if s.attn_heads == "mean":
+                    maps = maps.mean(1, keepdim=True)
+                members["attn"] = fmt.encode_attn(qpos, maps.numpy())
+            if s.hidden_points and len(vis):
+                hs = []
+                for point in s.hidden_points:
+                    h = visual_rows(pr, point, batch["image_mask"])[b].float()
+                    hs.append(h @ self.proj if self.proj is not None else h)
+                members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
+            meta = {"id": it.sample.id, "tokens": T, "response_tokens": int(len(resp)), "scored": int(len(pos)),
+                    "visual_tokens": int(len(vis))}
+            image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
+            out.append({"meta": fmt.encode_meta(meta), **image, **members})
+        return out

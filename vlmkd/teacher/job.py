@@ -98,7 +98,7 @@ def run_cache_job(job: CacheJob) -> dict:
     if manifest is None:
         split = {"num_shards": job.num_parts, "shard_index": job.part_index, "start": start, "end": end}
         manifest = new_manifest(fp, str(job.data), len(rows), split)
-        manifest["teacher"]["path"] = str(job.teacher)
+        manifest["teacher_path"] = str(job.teacher)
         manifest["payload_backends"] = {p: teacher.name for p in ("tokens", "topk", "attn", "hidden")}
     if manifest["state"] == "complete":
         console.print(f"{mpath} is complete: nothing to do")

@@ -1,0 +1,276 @@
+"""The teacher cache: codec against float64 references, stock readers, fidelity, and the faults."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from vlmkd.cache import format as fmt
+from vlmkd.cache.reader import CacheReader
+from vlmkd.cache.manifest import tokenizer_fingerprint
+from vlmkd.errors import CacheError
+from vlmkd.teacher.hf_backend import Extraction, topk_rows
+from vlmkd.teacher.job import CacheJob, merge_parts, run_cache_job
+
+
+def _job(model_dir, data, out, **kw):
+    settings = Extraction(topk=kw.pop("topk", 16), score_visual=kw.pop("score_visual", True), batch_size=8,
+                          hidden_points=["projector", "final"])
+    return CacheJob(model_dir, data, out, settings, samples_per_shard=kw.pop("samples_per_shard", 7), **kw)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_model_dir, shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", out))
+    return out
+
+
+def _full_reference(model_dir, data, score_visual=True):
+    """float64 log-softmax of the teacher's logits at the scored positions, straight from transformers."""
+    from vlmkd.data.dataset import collate, encode_samples, model_inputs
+    from vlmkd.data.manifest import load_samples
+    from vlmkd.models.build import data_tokenizer, load_model
+
+    model, hf = load_model(model_dir)
+    model.config.text_config._attn_implementation = "eager"
+    tok, layout = data_tokenizer(model, hf)
+    samples, _ = load_samples(data)
+    items = encode_samples(samples, tok, layout)
+    out = {}
+    with torch.no_grad():
+        for it in items:
+            b = collate([it], layout, tok.pad_id)
+            res = model(**model_inputs(b), output_attentions=True, output_hidden_states=True)
+            out[it.sample.id] = (res, it)
+    return out, model
+
+
+def test_topk_codec_against_float64(tmp_path):
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for V, k, R in [(437, 64, 13), (437, 437, 3), (70000, 16, 5), (262144, 32, 4)]:
+        logits = torch.from_numpy(rng.normal(size=(R, V)) * rng.uniform(0.5, 4))
+        ids, lps, tail = topk_rows(logits, k)
+        blob = fmt.encode_topk(np.arange(R), ids.numpy(), lps.numpy(), tail.numpy(), V)
+        dec = fmt.decode_topk(blob)
+        full = torch.log_softmax(logits.double(), -1).numpy()
+        assert np.array_equal(dec["pos"], np.arange(R))
+        for r in range(R):
+            assert set(dec["ids"][r]) == set(ids[r].tolist())  # ids exact, any V
+            p = np.exp(dec["logprobs"][r].astype(np.float64))
+            assert p.sum() + np.exp(float(dec["tail"][r])) == pytest.approx(1.0, abs=1e-5)
+            ref = full[r, dec["ids"][r]]
+            # each log-prob within half a quantisation step of the companded code (+ the renormalisation)
+            d = ref.max() - ref
+            assert np.all(np.abs(dec["logprobs"][r] - ref) <= np.sqrt(np.minimum(d, 32) * 32) / 255 + 2e-2)
+            # and the (k+1)-bucket distribution is within 1e-3 nats of the exact one
+            p_true = np.exp(ref)
+            tail_true = max(1 - p_true.sum(), 1e-300)
+            kl = (p_true * (ref - dec["logprobs"][r])).sum() + (
+                tail_true * (np.log(tail_true) - dec["tail"][r]) if k < V else 0.0)
+            assert kl < 1e-3
+        if k == V:
+            assert np.all(np.isneginf(dec["tail"]))
+
+
+def test_stock_readers_open_the_cache_without_vlmkd(cache_dir):
+    """webdataset iterates every sample; members decode with numpy + zstandard as docs/FORMAT.md says."""
+    import webdataset as wds
+
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    urls = [str(cache_dir / s["name"]) for s in manifest["shards"]]
+    n = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        n += 1
+        meta = json.loads(sample["meta.json"])
+        tok = io.BytesIO(zstandard.ZstdDecompressor().decompress(sample["tokens.npy.zst"]))
+        ids, flags = np.load(tok), np.load(tok)
+        assert ids.dtype == np.int32 and len(ids) == meta["tokens"] == len(flags)
+        raw = zstandard.ZstdDecompressor().decompress(sample["topk.bin.zst"])
+        R, k, width = int(np.frombuffer(raw, "<u4", 1, 0)[0]), int(np.frombuffer(raw, "<u2", 1, 4)[0]), raw[6]
+        assert R == meta["scored"] and k == 16 and width == 2
+        pos = np.frombuffer(raw, "<i4", R, 8)
+        resp = np.flatnonzero(flags & 1)
+        assert set(resp - 1) <= set(pos.tolist())
+        h = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(sample["hidden.npy.zst"])))
+        assert h.dtype == np.float16 and h.shape[:2] == (2, 9)
+        assert sample["image"][:4] == b"\x89PNG"
+    assert n == manifest_samples(manifest) > 0
+
+
+def manifest_samples(m):
+    return sum(s["samples"] for s in m["shards"])
+
+
+def test_fidelity_against_the_teacher_itself(cache_dir, tiny_model_dir, shapes_dir):
+    ref, model = _full_reference(tiny_model_dir, shapes_dir / "val.json")
+    reader = CacheReader(cache_dir, payloads=("tokens", "topk", "attn", "hidden"))
+    kls = []
+    for s in reader.samples():
+        res, it = ref[s["id"]]
+        assert np.array_equal(s["input_ids"], it.enc.input_ids)
+        full = torch.log_softmax(res.logits[0].double(), -1)
+        for r, pos in enumerate(s["pos"]):
+            p = full[pos].exp()
+            # KL(full || top-k + tail bucket): the sparse form keeps k ids and lumps the rest
+            ids = torch.from_numpy(s["ids"][r])
+            q_top = torch.from_numpy(s["logprobs"][r]).double()
+            p_top = p[ids]
+            p_tail = (1 - p_top.sum()).clamp_min(1e-300)
+            kl = (p_top * (p_top.log() - q_top)).sum() + p_tail * (p_tail.log() - float(s["tail"][r]))
+            kls.append(float(kl))
+        # attention: layer 0, head mean, text queries over visual keys, vs transformers' eager maps
+        att = res.attentions[0][0].mean(0).double()  # [T, T]
+        vis = np.flatnonzero(s["visual"])
+        ref_map = att[torch.from_numpy(s["qpos"])][:, torch.from_numpy(vis)].numpy()
+        assert np.allclose(s["attn"][0, 0].astype(np.float64), ref_map, atol=2e-3, rtol=1e-2)
+        # hidden: final-norm visual states reproduce the logits through the LM head
+        final = torch.from_numpy(s["hidden"][1].astype(np.float32))
+        logits_from_h = final @ model.lm_head.weight.T
+        assert torch.allclose(logits_from_h, res.logits[0, torch.from_numpy(vis)].float(), atol=5e-2)
+    assert np.mean(kls) < 1e-3, np.mean(kls)
+
+
+def test_tokenizer_mismatch_is_refused(cache_dir, hf_tok):
+    reader = CacheReader(cache_dir)
+    reader.check_tokenizer(tokenizer_fingerprint(hf_tok))  # the teacher's own: fine
+    from vlmkd.models.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["a completely different corpus of words"], vocab_size=300)
+    with pytest.raises(CacheError, match="tokenizer"):
+        reader.check_tokenizer(tokenizer_fingerprint(other), "student")
+
+
+def test_rerun_does_nothing_and_other_settings_are_refused(cache_dir, tiny_model_dir, shapes_dir):
+    before = (cache_dir / "manifest.json").read_bytes()
+    run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", cache_dir))
+    assert (cache_dir / "manifest.json").read_bytes() == before
+    with pytest.raises(CacheError, match="extraction"):
+        run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", cache_dir, topk=8))
+
+
+def _shard_bytes(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    return [(s["name"], (folder / s["name"]).read_bytes()) for s in m["shards"]]
+
+
+def test_interrupted_job_resumes_with_every_sample_once(cache_dir, tiny_model_dir, shapes_dir, tmp_path):
+    out = tmp_path / "c"
+    run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", out, stop_after_shards=2))
+    assert json.loads((out / "manifest.json").read_text())["state"] == "writing"
+    # a half-written shard left by the kill is never read and is cleaned up
+    (out / "shard-000002.tar.tmp").write_bytes(b"half")
+    run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", out))
+    assert _shard_bytes(out) == _shard_bytes(cache_dir)  # same shards, same bytes as one clean run
+    ids = [s["id"] for s in CacheReader(out, payloads=()).samples()]
+    assert len(ids) == len(set(ids)) == 30
+
+
+@pytest.mark.slow
+def test_sigkill_mid_job_then_rerun(cache_dir, tiny_model_dir, shapes_dir, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "vlmkd", "cache-teacher", "--teacher", str(tiny_model_dir), "--data",
+           str(shapes_dir / "val.json"), "--out", str(out), "--k", "16", "--score-visual",
+           "--samples-per-shard", "7", "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shard-000001.tar")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert _shard_bytes(out) == _shard_bytes(cache_dir)
+
+
+def test_flipped_byte_and_truncation_are_named(cache_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    s0, s1 = m["shards"][0]["name"], m["shards"][1]["name"]
+    data = bytearray((bad / s0).read_bytes())
+    data[700] ^= 0x40
+    (bad / s0).write_bytes(bytes(data))
+    (bad / s1).write_bytes((bad / s1).read_bytes()[:1500])
+    problems = CacheReader(bad).verify_all()
+    assert any(s0 in p and "checksum" in p for p in problems)
+    assert any(s1 in p for p in problems)
+    out = subprocess.run([sys.executable, "-m", "vlmkd", "cache", "verify", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and s0 in out.stderr and s1 in out.stderr
+    with pytest.raises(CacheError, match=s0):
+        list(CacheReader(bad).samples())
+    # without checksums the reader still names the shard when the bytes do not decode
+    with pytest.raises(CacheError, match=s1):
+        list(CacheReader(bad, verify=False).samples())
+
+
+def test_hostile_members_are_refused(cache_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "hostile"
+    shutil.copytree(cache_dir, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    for name, make in [("../evil", "file"), ("0000000000.link", "symlink")]:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            ti = tarfile.TarInfo(name)
+            if make == "symlink":
+                ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(ti)
+            else:
+                ti.size = 3
+                tar.addfile(ti, io.BytesIO(b"abc"))
+        data = buf.getvalue()
+        (bad / m["shards"][0]["name"]).write_bytes(data)
+        m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(CacheError, match="refused"):
+            list(CacheReader(bad).samples())
+
+
+def test_split_jobs_and_merge_equal_one_job(cache_dir, tiny_model_dir, shapes_dir, tmp_path):
+    out = tmp_path / "split"
+    for i in range(2):
+        run_cache_job(_job(tiny_model_dir, shapes_dir / "val.json", out, num_parts=2, part_index=i))
+    with pytest.raises(CacheError):
+        CacheReader(out)  # not merged yet: no manifest.json
+    merge_parts(out)
+    a = {s["id"]: s for s in CacheReader(out, payloads=("topk",)).samples()}
+    b = {s["id"]: s for s in CacheReader(cache_dir, payloads=("topk",)).samples()}
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k]["ids"], b[k]["ids"])
+
+
+def test_reader_splits_by_rank_and_resumes(cache_dir):
+    full = [s["id"] for s in CacheReader(cache_dir, payloads=(), shuffle_buffer=5, seed=3).samples(epoch=1)]
+    assert len(full) == len(set(full)) == 30
+    ranks = [[s["id"] for s in CacheReader(cache_dir, payloads=(), rank=r, world=2).samples()] for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 30
+    again = [s["id"] for s in CacheReader(cache_dir, payloads=(), shuffle_buffer=5, seed=3).samples(epoch=1, skip=11)]
+    assert again == full[11:]
+
+
+def test_unknown_format_version_is_refused(cache_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "v"
+    shutil.copytree(cache_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="version 99"):
+        CacheReader(d)

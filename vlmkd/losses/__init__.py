@@ -1,0 +1,28 @@
+"""The public KD losses: pure functions of tensors, each with its formula and source in its module.
+
+See docs/API.md for arguments, shapes and reductions.
+"""
+
+from vlmkd.losses.attention import attention_kd, focus_align, resample_grid, text_focus
+from vlmkd.losses.feature import feature_kd
+from vlmkd.losses.logit import LOSSES, logit_kd
+from vlmkd.losses.preference import preference_kd
+from vlmkd.losses.relation import relation_kd, relation_matrix
+from vlmkd.losses.schedule import AdaptiveWeights, linear_temperature
+from vlmkd.losses.sft import response_ce
+
+__all__ = [
+    "LOSSES",
+    "AdaptiveWeights",
+    "attention_kd",
+    "feature_kd",
+    "focus_align",
+    "linear_temperature",
+    "logit_kd",
+    "preference_kd",
+    "relation_kd",
+    "relation_matrix",
+    "resample_grid",
+    "response_ce",
+    "text_focus",
+]

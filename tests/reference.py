@@ -1,0 +1,95 @@
+"""Straightforward float64 references for the losses, written independently of vlmkd/losses: explicit
+loops, explicit sums over the vocabulary, the textbook formulas. Slow on purpose; small shapes only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _div(P, Q, loss, beta, alpha):
+    """Divergence of two explicit probability lists."""
+    def kl(a, b):
+        return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
+
+    if loss == "fkl":
+        return kl(P, Q)
+    if loss == "rkl":
+        return kl(Q, P)
+    if loss == "jsd":
+        M = [beta * p + (1 - beta) * q for p, q in zip(P, Q)]
+        return beta * kl(P, M) + (1 - beta) * kl(Q, M)
+    if loss == "skl":
+        return kl(P, [alpha * p + (1 - alpha) * q for p, q in zip(P, Q)])
+    if loss == "srkl":
+        return kl(Q, [(1 - alpha) * p + alpha * q for p, q in zip(P, Q)])
+    if loss == "tvd":
+        return 0.5 * sum(abs(p - q) for p, q in zip(P, Q))
+    raise ValueError(loss)
+
+
+def sparse_kd_ref(z, ids, lps, mask, loss, tau=1.0, beta=0.5, alpha=0.1, tail=None, reduction="token"):
+    """Buckets built by hand: the k teacher ids plus everything else, for teacher and student alike."""
+    B, T, V = z.shape
+    per = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            row = [float(v) / tau for v in z[b, t]]
+            mx = max(row)
+            ex = [math.exp(v - mx) for v in row]
+            s = sum(ex)
+            q = [e / s for e in ex]
+            chosen = [int(i) for i in ids[b, t]]
+            Q = [q[i] for i in chosen]
+            rest = sum(q[j] for j in range(V) if j not in set(chosen))
+            P = [math.exp(float(v)) for v in lps[b, t]]
+            p_rest = math.exp(float(tail[b, t])) if tail is not None else 1 - sum(P)
+            has_tail = len(set(chosen)) < V
+            if has_tail:
+                P, Q = P + [max(p_rest, 0.0)], Q + [rest]
+            if tau != 1.0:
+                w = [p ** (1 / tau) for p in P]
+                P = [x / sum(w) for x in w]
+            per[b, t] = tau**2 * _div(P, Q, loss, beta, alpha)
+    m = mask.double()
+    if reduction == "token":
+        return float(per.sum() / m.sum())
+    if reduction == "sequence":
+        vals = [float(per[b].sum() / m[b].sum()) for b in range(B) if m[b].sum() > 0]
+        return sum(vals) / len(vals)
+    return float(per.sum() / B)
+
+
+def full_vocab_ref(z, teacher_logits, mask, loss, beta=0.5, alpha=0.1):
+    """The divergence over the whole vocabulary, from two full logit tensors."""
+    P = torch.softmax(teacher_logits.double(), -1)
+    Q = torch.softmax(z.double(), -1)
+    vals = []
+    for b in range(z.shape[0]):
+        for t in range(z.shape[1]):
+            if mask[b, t]:
+                vals.append(_div(P[b, t].tolist(), Q[b, t].tolist(), loss, beta, alpha))
+    return sum(vals) / len(vals)
+
+
+def relation_ref(fs, ft, mask=None, gs=None, gt=None):
+    out = []
+    for b in range(fs.shape[0]):
+        idx = [i for i in range(fs.shape[1]) if mask is None or mask[b, i]]
+        a, c = fs[b, idx].double(), ft[b, idx].double()
+        ra = a @ (gs.double() if gs is not None else torch.eye(a.shape[1], dtype=torch.float64)) @ a.T
+        rc = c @ (gt.double() if gt is not None else torch.eye(c.shape[1], dtype=torch.float64)) @ c.T
+        x, y = ra.flatten(), rc.flatten()
+        out.append(1 - float((x * y).sum()) / math.sqrt(float((x * x).sum()) * float((y * y).sum())))
+    return sum(out) / len(out)
+
+
+def preference_ref(sc, sr, tc, tr, beta):
+    vals = []
+    for a, b, c, d in zip(sc.tolist(), sr.tolist(), tc.tolist(), tr.tolist()):
+        m = beta * ((a - c) - (b - d))
+        vals.append(math.log(1 + math.exp(-m)))
+    return sum(vals) / len(vals)

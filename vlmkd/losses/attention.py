@@ -1,0 +1,65 @@
+"""Attention-map distillation and Align-KD's text-focused alignment of projected visual tokens.
+
+Align-KD (Feng et al., 2024) distils the first LLM layer's text-to-vision attention, where cross-modal
+matching happens, and aligns the student's projected visual tokens with the teacher's, each token
+weighted by how much the text attends to it (its "text focus").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_kd(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor,
+                 kind: str = "mse", eps: float = 1e-8) -> torch.Tensor:
+    """Text-to-vision attention distillation.
+
+    student_attn, teacher_attn [B, L, Q, N] (attention of Q text queries over N visual keys, heads
+    averaged or matched); mask [B, Q] bool marks real queries.
+    mse: mean squared difference per entry over masked queries.
+    kl: each query's attention renormalised over the visual keys, KL(teacher || student), mean over
+    masked queries and layers.
+    """
+    m = mask[:, None, :].expand(student_attn.shape[:3])
+    if kind == "mse":
+        d = (student_attn - teacher_attn.to(student_attn.dtype)) ** 2
+        return d.mean(-1)[m].mean() if m.any() else student_attn.sum() * 0
+    if kind == "kl":
+        ps = student_attn / student_attn.sum(-1, keepdim=True).clamp_min(eps)
+        pt = teacher_attn.to(ps.dtype)
+        pt = pt / pt.sum(-1, keepdim=True).clamp_min(eps)
+        kl = (pt * ((pt + eps).log() - (ps + eps).log())).sum(-1)
+        return kl[m].mean() if m.any() else student_attn.sum() * 0
+    raise ValueError(f"unknown attention loss {kind!r}; choose mse or kl")
+
+
+def text_focus(teacher_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, Q, N] attention, [B, Q] query mask -> [B, N] weights summing to one: the mean attention
+    the text pays to each visual token (over layers and real queries), normalised."""
+    m = mask[:, None, :, None].to(teacher_attn.dtype)
+    focus = (teacher_attn * m).sum((1, 2))
+    return focus / focus.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def focus_align(student_vis: torch.Tensor, teacher_vis: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Align-KD projection alignment: sum_j w_j ||s_j - t_j||^2 / D, mean over the batch.
+
+    student_vis [B, N, D] (already mapped to the teacher's width by the learned projection),
+    teacher_vis [B, N, D], weights [B, N] (text focus, rows sum to one).
+    """
+    d = ((student_vis - teacher_vis.to(student_vis.dtype)) ** 2).mean(-1)
+    return (weights.to(d.dtype) * d).sum(-1).mean()
+
+
+def resample_grid(x: torch.Tensor, grid_from: int, grid_to: int) -> torch.Tensor:
+    """Resample the last dim, a grid_from x grid_from patch grid (row-major), to grid_to x grid_to
+    (area average when shrinking, bilinear when growing); used when student and teacher have different
+    numbers of visual tokens."""
+    if grid_from == grid_to:
+        return x
+    lead = x.shape[:-1]
+    img = x.reshape(-1, 1, grid_from, grid_from).float()
+    mode = "area" if grid_to < grid_from else "bilinear"
+    out = F.interpolate(img, size=(grid_to, grid_to), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out.reshape(*lead, grid_to * grid_to).to(x.dtype)

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_IDEFICS3
 from vlmkd.data.rejects import RejectLog
 from vlmkd.models.build import build_model, data_tokenizer
-from vlmkd.train.loop import batch_indices, train
+from vlmkd.train.loop import ItemSource, batch_indices, train
 from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import parse_recipe
 from vlmkd.train.schedule import lr_factor
@@ -29,7 +29,7 @@ def _setup(hf_tok, shapes_dir):
     rej = RejectLog(None)
     tr = load_items(shapes_dir / "train.json", tok, layout, rej, show=False)
     va = load_items(shapes_dir / "val.json", tok, layout, rej, show=False)
-    return model, tok, layout, tr, va
+    return model, tok, layout, ItemSource(tr, layout, tok.pad_id, 0), va
 
 
 def _curve(run_dir):

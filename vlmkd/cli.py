@@ -217,3 +217,24 @@ def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wr
     m = merge_parts(cache)
     t = totals(m)
     console.print(f"merged {m['data']['split']['merged_parts']} parts: {t['samples']} samples in {t['shards']} shards")
+
+
+@app.command("train-student")
+def train_student(
+    recipe: Path = typer.Option(..., help="pipelines/*.yaml: student model, stages, losses"),
+    cache: Path = typer.Option(..., help="the teacher cache to learn from"),
+    out: Path = typer.Option(..., help="run folder: checkpoints, metrics, the student (HF format) in OUT/model"),
+    val: Path | None = typer.Option(None, help="validation manifest (default: val.json beside the cached data)"),
+    max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
+    seed: int | None = typer.Option(None),
+    no_verify: bool = typer.Option(False, help="skip shard checksums (faster start on trusted storage)"),
+    threads: int | None = typer.Option(None),
+):
+    """Train a student from a teacher cache with the recipe's KD losses and stages; it never loads the
+    teacher. A re-run resumes from the last checkpoint."""
+    from vlmkd.train.student import train_student_run
+
+    _threads(threads)
+    res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify)
+    console.print(f"student written to {res.model_dir} ({res.steps} steps, {res.seconds:.0f} s); "
+                  f"metrics in {out / 'metrics.csv'}, curves in {out / 'curves.png'}")

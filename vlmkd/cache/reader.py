@@ -69,6 +69,7 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
     try:
         meta = json.loads(members["meta"])
         out["id"] = meta["id"]
+        out["prompt"] = meta.get("prompt", "")
         for p in payloads:
             if p not in members:
                 raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")

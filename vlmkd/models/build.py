@@ -105,7 +105,21 @@ def build_model(spec: dict, tok) -> torch.nn.Module:
         raise ModelError(f"unknown model arch {arch!r}; choose idefics3 or llava")
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
+    if spec.get("vision_from"):
+        copy_vision(model, spec["vision_from"])
     return model
+
+
+def copy_vision(model, source_dir) -> None:
+    """Start from another model's vision tower (the teacher's), as LLaVA-KD's students share the
+    teacher's vision encoder; the configs must match."""
+    src, _ = load_model(source_dir)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    a = {k: getattr(src.config.vision_config, k) for k in keys}
+    b = {k: getattr(model.config.vision_config, k) for k in keys}
+    if a != b:
+        raise ModelError(f"vision_from {source_dir}: its vision tower is {a}, the recipe asks {b}; make them equal")
+    parts_of(model)["vision"].load_state_dict(parts_of(src)["vision"].state_dict())
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ class HFTeacher:
                     h = visual_rows(pr, point, batch["image_mask"])[b].float()
                     hs.append(h @ self.proj if self.proj is not None else h)
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
-            meta = {"id": it.sample.id, "tokens": T, "response_tokens": int(len(resp)), "scored": int(len(pos)),
+            meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": T, "response_tokens": int(len(resp)), "scored": int(len(pos)),
                     "visual_tokens": int(len(vis))}
             image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
             out.append({"meta": fmt.encode_meta(meta), **image, **members})

@@ -18,13 +18,15 @@ from vlmkd.models.build import save_model
 CKPT = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, model, tok, optimizer, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, model, tok, optimizer, state: dict, extra: dict | None = None) -> Path:
     final = run_dir / CKPT
     tmp = run_dir / f"{CKPT}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(model, tok, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if extra:
+        torch.save(extra, tmp / "objective.pt")  # learned loss-side modules (e.g. width projections)
     state = {**state, "torch_rng": torch.get_rng_state().tolist()}
     (tmp / "state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +22,35 @@ from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import Layout, parts_of, save_model
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
 from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
+from vlmkd.errors import DataError
 from vlmkd.train.recipe import Recipe, Stage
 from vlmkd.train.schedule import lr_factor
 
-# objective(stage, model, batch) -> {term name: scalar tensor}; the loop weights them by stage.losses.
-Objective = Callable[[Stage, torch.nn.Module, dict], dict[str, torch.Tensor]]
+class Objective(torch.nn.Module):
+    """objective(stage, model, batch, step) -> {term name: scalar tensor}; the loop weights the terms by
+    `stage.losses`. Its own parameters (e.g. a learned projection to the teacher's width) train with the
+    student and are checkpointed beside it."""
+
+    def forward(self, stage: Stage, model, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
+        out = model(**model_inputs(batch))
+        return {"ce": response_ce(out.logits, batch["input_ids"], batch["labels_mask"])}
 
 
-def sft_objective(stage: Stage, model, batch: dict) -> dict[str, torch.Tensor]:
-    out = model(**model_inputs(batch))
-    return {"ce": response_ce(out.logits, batch["input_ids"], batch["labels_mask"])}
+class ItemSource:
+    """Batches from in-memory items (a manifest): each stage's epochs are seeded permutations."""
+
+    def __init__(self, items: Sequence[Item], layout: Layout, pad_id: int, seed: int):
+        self.items, self.layout, self.pad_id, self.seed = items, layout, pad_id, seed
+
+    def batches(self, si: int, stage: Stage, micro_start: int):
+        items = stage_items(self.items, stage)
+        if not items:
+            raise DataError(f"stage {stage.name}: no samples of kind {stage.data!r} in the training data")
+        micro = micro_start
+        while True:
+            idx = batch_indices(len(items), self.seed, si, micro, stage.batch_size)
+            yield collate([items[i] for i in idx], self.layout, self.pad_id)
+            micro += 1
 
 
 @dataclass
@@ -43,15 +62,15 @@ class TrainResult:
     last_eval: dict | None
 
 
+def matches_kind(prompt: str, kind: str) -> bool:
+    """A stage's `data:` filter on a sample's first user prompt: captions ask for a description."""
+    if kind == "all":
+        return True
+    return prompt.lower().startswith("describe the image") == (kind == "captions")
+
+
 def stage_items(items: Sequence[Item], stage: Stage) -> list[Item]:
-    if stage.data == "all":
-        return list(items)
-    want_caption = stage.data == "captions"
-    return [it for it in items if _is_caption(it) == want_caption]
-
-
-def _is_caption(it: Item) -> bool:
-    return it.sample.question.lower().startswith("describe the image")
+    return [it for it in items if matches_kind(it.sample.question, stage.data)]
 
 
 def batch_indices(n: int, seed: int, stage_idx: int, step: int, batch: int) -> list[int]:
@@ -78,19 +97,18 @@ def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:
     return params
 
 
-def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, objective: Objective,
-             stage: Stage, batch_size: int = 64) -> dict:
-    """Held-out loss terms and greedy accuracy on `items`."""
+def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, batch_size: int = 64) -> dict:
+    """Held-out NLL of the reference answers (per response token) and greedy accuracy on `items`."""
     model.eval()
-    sums: dict[str, float] = {}
+    nll, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            terms = objective(stage, model, collate(chunk, layout, tok.pad_id))
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-    res = {f"val_{k}": v / max(1, len(items)) for k, v in sums.items()}
-    qa = [it for it in items if not _is_caption(it)]
+            b = collate(items[s : s + batch_size], layout, tok.pad_id)
+            k = int(b["labels_mask"][:, 1:].sum())
+            nll += float(response_ce(model(**model_inputs(b)).logits, b["input_ids"], b["labels_mask"])) * k
+            n += k
+    res = {"val_nll": nll / max(1, n)}
+    qa = [it for it in items if matches_kind(it.sample.question, "questions")]
     if qa:
         sc = score(qa, greedy_answers(model, qa, layout, tok))
         res["val_accuracy"] = sc["accuracy"]
@@ -105,10 +123,10 @@ def train(
     hf_tok,
     tok: Tokenizer,
     layout: Layout,
-    train_items: Sequence[Item],
+    source,
     val_items: Sequence[Item],
     run_dir: str | Path,
-    objective: Objective = sft_objective,
+    objective: Objective | None = None,
     max_steps: int | None = None,
     resume: bool = True,
     progress=None,
@@ -116,7 +134,9 @@ def train(
     model_out: str | Path | None = None,
 ) -> TrainResult:
     """Run every stage of `recipe`; `max_steps` caps each stage; `stop_after` stops the whole run
-    after that many optimizer steps (to test resume)."""
+    after that many optimizer steps (to test resume). `source.batches(stage_index, stage, micro_step)`
+    yields the training batches from any position, which is what makes resume exact."""
+    objective = objective if objective is not None else Objective()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -126,6 +146,8 @@ def train(
     if ckpt is not None:
         state = load_state(ckpt)
         model.load_state_dict(_load_weights(ckpt), strict=True)
+        if (ckpt / "objective.pt").is_file():
+            objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True))
         start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
     metrics = MetricsLog(run_dir, resume_step=global_step)
     (run_dir / "recipe.json").write_text(json.dumps(_recipe_dict(recipe), indent=1))
@@ -137,9 +159,8 @@ def train(
     for si, stage in enumerate(recipe.stages):
         if si < start_stage:
             continue
-        items = stage_items(train_items, stage)
         total = min(stage.steps, max_steps) if max_steps else stage.steps
-        params = set_trainable(model, stage.trainable)
+        params = set_trainable(model, stage.trainable) + [p for p in objective.parameters()]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
         first = start_step if si == start_stage else 0
         if state is not None and si == start_stage and first > 0:
@@ -147,17 +168,17 @@ def train(
         val = list(val_items[: recipe.eval_samples])
         task = (progress.add_task(f"{recipe.name}:{stage.name}", total=total, completed=first, unit="steps")
                 if progress else None)
+        stream = source.batches(si, stage, first * stage.grad_accum)
         for step in range(first, total):
             lr = stage.lr * lr_factor(step, total, stage.warmup, stage.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             logs: dict[str, float] = {}
             for micro in range(stage.grad_accum):
-                idx = batch_indices(len(items), recipe.seed, si, step * stage.grad_accum + micro, stage.batch_size)
-                batch = collate([items[i] for i in idx], layout, tok.pad_id)
+                batch = next(stream)
                 ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with ctx:
-                    terms = objective(stage, model, batch)
+                    terms = objective(stage, model, batch, step)
                 loss = sum(stage.losses.get(k, 1.0) * v for k, v in terms.items())
                 (loss / stage.grad_accum).backward()
                 for k, v in terms.items():
@@ -175,13 +196,13 @@ def train(
                 progress.update(task, advance=1)
             last = step == total - 1
             if (step + 1) % recipe.eval_every == 0 or last:
-                last_eval = evaluate(model, val, layout, tok, objective, stage)
+                last_eval = evaluate(model, val, layout, tok)
                 metrics.write({"kind": "eval", "step": global_step, "stage": stage.name, **last_eval})
             if (step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after):
                 nxt = (si, step + 1) if not last else (si + 1, 0)
                 save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
                                                               "global_step": global_step,
-                                                              "stage": stage.name})
+                                                              "stage": stage.name}, objective.state_dict())
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
         save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}")

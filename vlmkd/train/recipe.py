@@ -70,6 +70,11 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
             raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
         stages.append(stage)
     rest = {k: v for k, v in raw.items() if k != "stages"}
+    if isinstance(rest["model"], str):  # a shared model file, relative to the recipe
+        mpath = Path(source).parent / rest["model"]
+        if not mpath.is_file():
+            raise RecipeError(f"{source}: model file {mpath} does not exist")
+        rest["model"] = yaml.safe_load(mpath.read_text())
     rest.setdefault("name", Path(source).stem)
     return _build(Recipe, {**rest, "stages": stages, "source": source}, source)
 

@@ -10,7 +10,7 @@ from vlmkd.errors import DataError
 from vlmkd.models.build import build_model, data_tokenizer
 from vlmkd.models.tokenizer import train_tokenizer
 from vlmkd.progress import bar, console
-from vlmkd.train.loop import TrainResult, train
+from vlmkd.train.loop import ItemSource, TrainResult, train
 from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import load_recipe
 
@@ -41,7 +41,8 @@ def train_teacher_run(data: Path, out: Path, recipe_path: Path, val: Path | None
     train_items = load_items(train_m, tok, layout, rejects, strict)
     val_items = load_items(val_m, tok, layout, rejects, strict)
     with bar() as p:
-        res = train(recipe, model, hf_tok, tok, layout, train_items, val_items, run_dir, max_steps=max_steps,
+        source = ItemSource(train_items, layout, tok.pad_id, recipe.seed)
+        res = train(recipe, model, hf_tok, tok, layout, source, val_items, run_dir, max_steps=max_steps,
                     progress=p, model_out=out)
     console.print(rejects.summary())
     return res

@@ -1,0 +1,120 @@
+"""train-student from a cache: every KD term trains, stages chain and resume, the student loads in
+plain transformers and answers the eval; the student never touches the teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY_IDEFICS3
+from vlmkd.cache.reader import CacheReader
+from vlmkd.errors import CacheError
+from vlmkd.teacher.hf_backend import Extraction
+from vlmkd.teacher.job import CacheJob, run_cache_job
+from vlmkd.train.student import train_student_run
+
+STUDENT = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}}
+
+
+@pytest.fixture(scope="module")
+def kd_cache(trained_tiny_teacher, shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kdcache")
+    settings = Extraction(topk=16, score_visual=True, attn_layers=[0], hidden_points=["projector", "final"])
+    run_cache_job(CacheJob(trained_tiny_teacher, shapes_dir / "train.json", out, settings, samples_per_shard=64))
+    return out
+
+
+def _recipe(tmp_path, name, stages):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "model": STUDENT, "eval_every": 1000, "eval_samples": 16,
+                                    "save_every": 5, "log_every": 1, "stages": stages}))
+    return path
+
+
+def _terms(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def _falls(rows, key, n=5):
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals[-n:]) / n < sum(vals[:n]) / n
+
+
+@pytest.mark.parametrize("losses,args", [
+    ({"ce": 1.0, "res": 1.0, "vis": 1.0, "rel": 1.0}, {"logit_loss": "fkl"}),
+    ({"ce": 1.0, "res": 1.0, "attn": 1.0, "align": 1.0}, {"logit_loss": "jsd", "attn_kind": "mse"}),
+    ({"res": 1.0, "feat": 1.0}, {"logit_loss": "rkl", "temperature": {"start": 3.0, "end": 1.0}}),
+])
+def test_every_kd_term_decreases(kd_cache, shapes_dir, tmp_path, losses, args):
+    stage = {"name": "kd", "data": "questions", "steps": 40, "lr": 3e-3, "warmup": 3, "batch_size": 8,
+             "trainable": ["projector", "llm"], "losses": losses, "loss_args": args}
+    run = tmp_path / "run"
+    res = train_student_run(_recipe(tmp_path, "kd", [stage]), kd_cache, run, val=shapes_dir / "val.json")
+    rows = _terms(run)
+    for term in losses:
+        assert _falls(rows, f"loss_{term}"), term
+    assert res.model_dir.is_dir()
+
+
+def test_three_stages_chain_resume_and_the_student_loads(kd_cache, shapes_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmkd.eval.run import evaluate_model
+
+    base = {"steps": 6, "lr": 2e-3, "warmup": 1, "batch_size": 4, "trainable": ["projector", "llm"]}
+    stages = [{"name": "dpt", "data": "captions", "losses": {"ce": 1, "res": 1, "vis": 1, "rel": 1}, **base},
+              {"name": "sft", "data": "questions", "losses": {"ce": 1}, **base},
+              {"name": "dft", "data": "questions", "losses": {"ce": 1, "res": 1, "vis": 1, "rel": 1}, **base}]
+    recipe = _recipe(tmp_path, "llava_kd", stages)
+    full = tmp_path / "full"
+    train_student_run(recipe, kd_cache, full, val=shapes_dir / "val.json")
+    cut = tmp_path / "cut"
+    from vlmkd.train import loop
+
+    orig = loop.train
+
+    def stop_mid_sft(*a, **kw):
+        return orig(*a, **{**kw, "stop_after": 9})
+
+    loop_train = stop_mid_sft
+    import vlmkd.train.student as st
+
+    st.train = loop_train
+    try:
+        train_student_run(recipe, kd_cache, cut, val=shapes_dir / "val.json")
+    finally:
+        st.train = orig
+    assert json.loads((cut / "checkpoint/state.json").read_text())["stage"] == "sft"
+    train_student_run(recipe, kd_cache, cut, val=shapes_dir / "val.json")
+    a, b = _terms(full), _terms(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 19))
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+    for s in ("stage_0_dpt", "stage_1_sft", "stage_2_dft", "model"):
+        assert (full / s / "config.json").is_file()
+    AutoModelForImageTextToText.from_pretrained(str(full / "model"))
+    scores = evaluate_model(full / "model", shapes_dir / "test.json")
+    assert scores["n"] == 30 and 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_student_with_another_tokenizer_is_refused(kd_cache, tmp_path, hf_tok):
+    from vlmkd.cache.manifest import tokenizer_fingerprint
+    from vlmkd.models.tokenizer import train_tokenizer
+
+    reader = CacheReader(kd_cache)
+    reader.check_tokenizer(tokenizer_fingerprint(hf_tok))
+    with pytest.raises(CacheError, match="tokenizer"):
+        reader.check_tokenizer(tokenizer_fingerprint(train_tokenizer(["other words entirely"], 300)))
+
+
+def test_missing_payload_for_a_loss_is_a_clear_error(tiny_model_dir, shapes_dir, tmp_path):
+    from vlmkd.errors import RecipeError
+
+    out = tmp_path / "plain"
+    run_cache_job(CacheJob(tiny_model_dir, shapes_dir / "val.json", out, Extraction(topk=8, score_visual=False)))
+    stage = {"name": "kd", "steps": 2, "batch_size": 4, "losses": {"vis": 1.0}}
+    with pytest.raises(RecipeError, match="score-visual"):
+        train_student_run(_recipe(tmp_path, "v", [stage]), out, tmp_path / "r", val=shapes_dir / "val.json")

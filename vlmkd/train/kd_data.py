@@ -1,0 +1,130 @@
+"""Teacher-cache samples -> student batches: the cache's exact token ids, the student's own pixels from
+the image bytes in the shard, and the teacher's payloads laid out on the student's positions.
+
+The student reads shards only (never the teacher, never the data manifest's images).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from itertools import count
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmkd.cache.reader import CacheReader
+from vlmkd.data.images import normalize, to_uint8
+from vlmkd.errors import CacheError
+from vlmkd.models.build import Layout
+from vlmkd.train.loop import matches_kind
+from vlmkd.train.recipe import Stage
+
+
+def needed_payloads(stages: list[Stage]) -> tuple[str, ...]:
+    terms = {k for st in stages for k, w in st.losses.items() if w}
+    need = ["tokens", "image"]
+    if terms & {"res", "vis"}:
+        need.append("topk")
+    if terms & {"attn", "align"}:
+        need.append("attn")
+    if terms & {"rel", "align", "feat"}:
+        need.append("hidden")
+    return tuple(need)
+
+
+def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img.load()
+    except Exception as e:
+        raise CacheError(f"sample {sample}: the image in the cache cannot be decoded ({e})") from e
+    return to_uint8(img.convert("RGB"), layout.pixels)
+
+
+def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
+    """Right-padded student batch with the teacher's payloads at the matching positions.
+
+    input_ids, attention_mask, labels_mask, image_mask [B, T]; pixel_values; and, when cached:
+    t_ids [B, T, k], t_lp [B, T, k], t_tail [B, T], t_res / t_vis [B, T] (teacher rows at response /
+    visual positions); t_attn [B, L, Q, N], t_qpos [B, Q], t_qmask [B, Q]; t_hidden [B, P, N, D].
+    """
+    B = len(samples)
+    T = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    lab = torch.zeros((B, T), dtype=torch.bool)
+    img = torch.zeros((B, T), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.from_numpy(s["input_ids"])
+        attn[i, :n] = 1
+        lab[i, :n] = torch.from_numpy(s["response"])
+        img[i, :n] = torch.from_numpy(s["visual"])
+        if int(s["visual"].sum()) != layout.num_image_tokens:
+            raise CacheError(f"sample {s['id']}: the cache has {int(s['visual'].sum())} visual tokens, the student "
+                             f"{layout.num_image_tokens}; train a student with the teacher's visual token count")
+    px = normalize(torch.from_numpy(np.stack([s["pixels"] for s in samples])), layout.pixels)
+    batch = {"input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img,
+             "pixel_values": px.unsqueeze(1) if layout.arch == "idefics3" else px}
+    if "ids" in samples[0]:
+        k = samples[0]["ids"].shape[1]
+        t_ids = torch.zeros((B, T, k), dtype=torch.long)
+        t_lp = torch.full((B, T, k), -np.log(k), dtype=torch.float32)
+        t_tail = torch.full((B, T), float("-inf"))
+        t_res = torch.zeros((B, T), dtype=torch.bool)
+        t_vis = torch.zeros((B, T), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            pos = torch.from_numpy(s["pos"])
+            t_ids[i, pos] = torch.from_numpy(s["ids"])
+            t_lp[i, pos] = torch.from_numpy(s["logprobs"])
+            t_tail[i, pos] = torch.from_numpy(s["tail"])
+            resp_rows = np.flatnonzero(s["response"]) - 1
+            t_res[i, torch.from_numpy(resp_rows)] = True
+            t_vis[i, torch.from_numpy(np.flatnonzero(s["visual"]))] = True
+            t_vis[i] &= torch.zeros(T, dtype=torch.bool).index_fill_(0, pos, True)  # only rows that were scored
+        batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis)
+    if "attn" in samples[0]:
+        Q = max(len(s["qpos"]) for s in samples)
+        L, H, _, N = samples[0]["attn"].shape
+        t_attn = torch.zeros((B, L, H, Q, N))
+        qpos = torch.zeros((B, Q), dtype=torch.long)
+        qmask = torch.zeros((B, Q), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            q = len(s["qpos"])
+            t_attn[i, :, :, :q] = torch.from_numpy(s["attn"].astype(np.float32))
+            qpos[i, :q] = torch.from_numpy(s["qpos"])
+            qmask[i, :q] = True
+        batch.update(t_attn=t_attn.mean(2), t_qpos=qpos, t_qmask=qmask)
+    if "hidden" in samples[0]:
+        batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in samples]))
+    return batch
+
+
+class CacheSource:
+    """Student batches streamed from a teacher cache, resumable at any micro-step."""
+
+    def __init__(self, reader: CacheReader, layout: Layout, pad_id: int):
+        self.reader, self.layout, self.pad_id = reader, layout, pad_id
+
+    def _stream(self, kind: str, skip: int) -> Iterator[dict]:
+        seen = 0
+        for epoch in count():
+            got = 0
+            for s in self.reader.samples(epoch):
+                if not matches_kind(s.get("prompt", ""), kind):
+                    continue
+                got += 1
+                seen += 1
+                if seen <= skip:
+                    continue
+                s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
+                yield s
+            if got == 0:
+                raise CacheError(f"{self.reader.root}: no cached samples of kind {kind!r} for this stage")
+
+    def batches(self, si: int, stage: Stage, micro_start: int):
+        stream = self._stream(stage.data, micro_start * stage.batch_size)
+        while True:
+            yield collate_kd([next(stream) for _ in range(stage.batch_size)], self.layout, self.pad_id)

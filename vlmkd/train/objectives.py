@@ -1,0 +1,122 @@
+"""The KD objective: one student forward, the recipe's loss terms from the cached teacher.
+
+Terms (keys of a stage's `losses:`, each with its weight):
+- ce:    cross-entropy on response tokens (LLaVA-KD L_reg / L_PT)
+- res:   logit KD on response positions (LLaVA-KD MDist L_res; the logit term of Align-KD / logit KD)
+- vis:   logit KD on visual positions (LLaVA-KD MDist L_vis; needs a cache with score_visual)
+- rel:   relation KD on visual tokens, R = H G H^T with each side's LM-head Gram (LLaVA-KD RDist)
+- attn:  first-layer text-to-vision attention distillation (Align-KD)
+- align: projected visual tokens aligned to the teacher's, weighted by text focus (Align-KD)
+- feat:  feature alignment at a hidden point through a learned linear map
+Options (`loss_args:`): logit_loss (fkl|rkl|jsd|skl|srkl|tvd), temperature (a number, or
+{start, end} for a linear schedule over the stage), beta, alpha, attn_kind (mse|kl), attn_layers,
+feat_kind (mse|cosine), feat_point (a cached hidden point name).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmkd.cache.reader import CacheReader
+from vlmkd.data.dataset import model_inputs
+from vlmkd.errors import RecipeError
+from vlmkd.losses import attention_kd, feature_kd, focus_align, linear_temperature, logit_kd, relation_kd, text_focus
+from vlmkd.losses.sft import response_ce
+from vlmkd.models.probe import probe, visual_rows
+from vlmkd.train.loop import Objective
+from vlmkd.train.recipe import Stage
+
+TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat")
+
+
+class KDObjective(Objective):
+    def __init__(self, model, reader: CacheReader, stages: list[Stage]):
+        super().__init__()
+        man = reader.manifest
+        ext = man["extraction"]
+        self.points = ext["hidden_points"]
+        self.cached_attn_layers = ext["attn_layers"]
+        t_dim = ext["hidden_dim"] or man["teacher"]["hidden_size"]
+        s_dim = model.config.text_config.hidden_size
+        terms = {k for st in stages for k, w in st.losses.items() if w}
+        unknown = terms - set(TERMS)
+        if unknown:
+            raise RecipeError(f"unknown loss term(s) {sorted(unknown)}; known: {TERMS}")
+        if "vis" in terms and not ext["score_visual"]:
+            raise RecipeError("loss 'vis' needs a cache built with --score-visual (teacher rows on visual tokens)")
+        if terms & {"rel", "align"} and ext["hidden_dim"]:
+            raise RecipeError("'rel' and 'align' need full-width teacher hidden states (cache without hidden_dim)")
+        self.gram_t = torch.from_numpy(reader.gram()) if "rel" in terms else None
+        if "rel" in terms and "final" not in self.points:
+            raise RecipeError("loss 'rel' needs the cache's hidden point 'final'")
+        if "align" in terms and "projector" not in self.points:
+            raise RecipeError("loss 'align' needs the cache's hidden point 'projector'")
+        # learned maps from the student's width to the teacher's (trained with the student)
+        self.proj = torch.nn.ModuleDict()
+        if "align" in terms:
+            self.proj["align"] = torch.nn.Linear(s_dim, t_dim, bias=False)
+        if "feat" in terms:
+            self.proj["feat"] = torch.nn.Linear(s_dim, t_dim, bias=False)
+        self.stage_steps = {st.name: st.steps for st in stages}
+
+    def _temperature(self, stage: Stage, step: int) -> float:
+        t = stage.loss_args.get("temperature", 1.0)
+        if isinstance(t, dict):
+            return linear_temperature(step, self.stage_steps[stage.name], t.get("start", 5.0), t.get("end", 1.0))
+        return float(t)
+
+    def forward(self, stage: Stage, model, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
+        w = {k: v for k, v in stage.losses.items() if v}
+        a = stage.loss_args
+        attn_layers = a.get("attn_layers", self.cached_attn_layers) if w.keys() & {"attn"} else []
+        hidden = set()
+        if "rel" in w:
+            hidden.add("final")
+        if "align" in w:
+            hidden.add("projector")
+        if "feat" in w:
+            hidden.add(a.get("feat_point", "final"))
+        with probe(model, batch["attention_mask"], attn_layers, sorted(hidden)) as pr:
+            logits = model(**model_inputs(batch)).logits
+        terms: dict[str, torch.Tensor] = {}
+        tau = self._temperature(stage, step)
+        kd_args = dict(loss=a.get("logit_loss", "fkl"), temperature=tau, beta=a.get("beta", 0.5),
+                       alpha=a.get("alpha", 0.1))
+        if "ce" in w:
+            terms["ce"] = response_ce(logits, batch["input_ids"], batch["labels_mask"])
+        if "res" in w:
+            terms["res"] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch["t_res"],
+                                    teacher_tail=batch["t_tail"], **kd_args)
+        if "vis" in w:
+            terms["vis"] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch["t_vis"],
+                                    teacher_tail=batch["t_tail"], **kd_args)
+        if "rel" in w:
+            h_s = visual_rows(pr, "final", batch["image_mask"])
+            h_t = batch["t_hidden"][:, self.points.index("final")]
+            w_s = model.lm_head.weight
+            terms["rel"] = relation_kd(h_s, h_t, student_gram=w_s.T @ w_s, teacher_gram=self.gram_t)
+        if "attn" in w or "align" in w:
+            qpos, qmask = batch["t_qpos"], batch["t_qmask"]
+        if "attn" in w:
+            maps = []
+            for li in attn_layers:
+                p = pr.attn[li].mean(1)  # [B, T, T], heads averaged as the cache stores them
+                B = p.shape[0]
+                rows = p[torch.arange(B)[:, None], qpos]  # [B, Q, T]
+                n = int(batch["image_mask"][0].sum())
+                vis_idx = batch["image_mask"].nonzero()[:, 1].reshape(B, n)
+                maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
+            s_maps = torch.stack(maps, 1)
+            t_maps = batch["t_attn"][:, [self.cached_attn_layers.index(li) for li in attn_layers]]
+            terms["attn"] = attention_kd(s_maps, t_maps, qmask, a.get("attn_kind", "mse"))
+        if "align" in w:
+            s_vis = self.proj["align"](visual_rows(pr, "projector", batch["image_mask"]))
+            t_vis = batch["t_hidden"][:, self.points.index("projector")]
+            focus = text_focus(batch["t_attn"], qmask)
+            terms["align"] = focus_align(s_vis, t_vis, focus)
+        if "feat" in w:
+            point = a.get("feat_point", "final")
+            s_f = self.proj["feat"](visual_rows(pr, point, batch["image_mask"]))
+            terms["feat"] = feature_kd(s_f, batch["t_hidden"][:, self.points.index(point)],
+                                       kind=a.get("feat_kind", "mse"))
+        return terms

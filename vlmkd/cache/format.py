@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import numpy as np
 import zstandard
@@ -56,12 +57,19 @@ def sample_key(index: int) -> str:
     return f"{index:010d}"
 
 
+_local = threading.local()
+
+
 def _zstd(raw: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    if not hasattr(_local, "c"):
+        _local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return _local.c.compress(raw)
 
 
 def _unzstd(blob: bytes) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(blob)
+    if not hasattr(_local, "d"):  # one (de)compressor per thread: they are not thread-safe, and reuse is fast
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.d.decompress(blob)
 
 
 def pack_arrays(*arrays: np.ndarray) -> bytes:
@@ -106,8 +114,8 @@ def encode_topk(pos: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tail: np
 
 
 def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
-    """{"pos" [R], "ids" [R, k] int64, "logprobs" [R, k] float32, "tail" [R] float32}, rows in descending
-    probability, renormalised so that exp(logprobs).sum(-1) + exp(tail) == 1 (in float64)."""
+    """{"pos" [R], "ids" [R, k] int64, "logprobs" [R, k] float32, "tail" [R] float32}, each row's ids in
+    ascending order, renormalised so that exp(logprobs).sum(-1) + exp(tail) == 1."""
     raw = _unzstd(blob)
     R = int(np.frombuffer(raw, "<u4", 1, 0)[0])
     k = int(np.frombuffer(raw, "<u2", 1, 4)[0])
@@ -127,26 +135,22 @@ def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
     delta = np.frombuffer(raw, "<u2" if width == 2 else "<u4", R * k, o).reshape(R, k)
     o += width * R * k
     code = np.frombuffer(raw, np.uint8, R * k, o).reshape(R, k)
-    ids = np.cumsum(delta.astype(np.int64), axis=-1)
-    order = np.argsort(code, axis=-1, kind="stable")  # descending probability
-    ids = np.take_along_axis(ids, order, -1)
-    d = D_MAX * (np.take_along_axis(code, order, -1).astype(np.float64) / 255.0) ** 2
-    lp = lp_max[:, None].astype(np.float64) - d
-    tail64 = tail.astype(np.float64)
-    log_norm = np.logaddexp(_logsumexp(lp), tail64)
+    ids = np.cumsum(delta, axis=-1, dtype=np.int64)
+    d = _DECODE_D[code]  # table lookup: code -> nats below the row's top-1
+    # renormalise around the top-1: sum_j exp(lp_j - lp_max) = sum_j exp(-d_j) (exact top-1 has d = 0)
+    mass = _DECODE_P[code].sum(-1, dtype=np.float64)
+    tail_rel = np.exp(tail.astype(np.float64) - lp_max)
+    log_norm = lp_max + np.log(mass + tail_rel)
     return {
         "pos": pos.astype(np.int64),
         "ids": ids,
-        "logprobs": (lp - log_norm[:, None]).astype(np.float32),
-        "tail": (tail64 - log_norm).astype(np.float32),
+        "logprobs": (lp_max - log_norm)[:, None].astype(np.float32) - d,
+        "tail": (tail - log_norm).astype(np.float32),
     }
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    if x.shape[-1] == 0:
-        return np.full(x.shape[:-1], -np.inf)
-    m = x.max(-1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+_DECODE_D = (D_MAX * (np.arange(256) / 255.0) ** 2).astype(np.float32)
+_DECODE_P = np.exp(-_DECODE_D.astype(np.float64))
 
 
 def encode_tokens(input_ids: np.ndarray, response: np.ndarray, visual: np.ndarray) -> bytes:

@@ -90,6 +90,10 @@ def eval_cmd(
         console.print(f"wrote {json_out}")
 
 
+SHORT = {"color_of_shape": "color(shape)", "shape_at_position": "shape@pos", "count_shape": "count",
+         "exists_color_shape": "exists", "color_at_position": "color@pos"}
+
+
 def print_scores(rows: dict[str, dict]) -> None:
     types = sorted({t for r in rows.values() for t in r["per_type"]})
     table = Table(title="accuracy (first word, greedy)")
@@ -97,7 +101,7 @@ def print_scores(rows: dict[str, dict]) -> None:
     table.add_column("overall", justify="right")
     table.add_column("n", justify="right")
     for t in types:
-        table.add_column(t, justify="right")
+        table.add_column(SHORT.get(t, t), justify="right")
     for name, r in rows.items():
         table.add_row(name, f"{r['accuracy']:.3f}", str(r["n"]),
                       *[f"{r['per_type'][t]['accuracy']:.3f}" if t in r["per_type"] else "-" for t in types])

@@ -1,6 +1,7 @@
 """`vlmkd demo`: the default pipeline end to end on the shapes data set.
 
-Layout: OUT/data/{train,val,test}.json (+ images), OUT/teacher/ (HF format), OUT/runs/, OUT/scores/.
+OUT/data/{train,val,test}.json (+ images) -> OUT/teacher/ (HF format) -> OUT/cache/ (teacher cache)
+-> OUT/students/{sft,llava_kd}/ (runs; the student in model/) -> OUT/scores/*.json and a table.
 Each step is skipped when its output is already complete, so a re-run resumes.
 """
 
@@ -12,11 +13,17 @@ from pathlib import Path
 from vlmkd.data.shapes import write_dataset
 from vlmkd.eval.run import evaluate_model
 from vlmkd.progress import bar, console
+from vlmkd.teacher.job import CacheJob, run_cache_job
+from vlmkd.teacher.settings import extraction_from
+from vlmkd.train.student import train_student_run
 from vlmkd.train.teacher import train_teacher_run
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-FULL = {"sizes": {"train": 12000, "val": 500, "test": 1000}, "max_steps": None, "test_limit": None}
-QUICK = {"sizes": {"train": 600, "val": 100, "test": 100}, "max_steps": 30, "test_limit": 100}
+STUDENTS = ("sft", "llava_kd")
+FULL = {"sizes": {"train": 16000, "val": 500, "test": 1000}, "max_steps": None, "student_steps": None,
+        "test_limit": None}
+QUICK = {"sizes": {"train": 300, "val": 100, "test": 100}, "max_steps": 30, "student_steps": 10,
+         "test_limit": 100}
 
 
 def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
@@ -26,17 +33,31 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
     if not (data / "test.json").is_file():
         with bar() as p:
             tasks = {s: p.add_task(f"shapes/{s}", total=n, unit="images") for s, n in cfg["sizes"].items()}
-            write_dataset(data, cfg["sizes"], seed=0, questions_per_image={"train": 2},
-                          caption_every={"train": 4}, progress=lambda s, n: p.update(tasks[s], advance=n))
+            # every training image carries one question and one caption (captions teach the
+            # teacher to see; the curriculum in pipelines/teacher.yaml uses them first)
+            write_dataset(data, cfg["sizes"], seed=0, questions_per_image={"train": 1},
+                          caption_every={"train": 1}, balanced={"train"},
+                          progress=lambda s, n: p.update(tasks[s], advance=n))
     console.print(f"data: {data}")
     teacher = out / "teacher"
     if not (teacher / "config.json").is_file():
         train_teacher_run(data, teacher, PIPELINES / "teacher.yaml", max_steps=cfg["max_steps"])
     console.print(f"teacher: {teacher}")
+    cache = out / "cache"
+    run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml")))
+    console.print(f"cache: {cache}")
+    rows = {"teacher": teacher}
+    for name in STUDENTS:
+        run = out / "students" / name
+        if not (run / "model" / "config.json").is_file():
+            train_student_run(PIPELINES / f"{name}.yaml", cache, run, val=data / "val.json",
+                              max_steps=cfg["student_steps"])
+        rows[name] = run / "model"
     scores = out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
-    rows = {"teacher": evaluate_model(teacher, data / "test.json", limit=cfg["test_limit"])}
-    for name, res in rows.items():
-        (scores / f"{name}.json").write_text(json.dumps(res, indent=1))
+    results = {}
+    for name, model_dir in rows.items():
+        results[name] = evaluate_model(model_dir, data / "test.json", limit=cfg["test_limit"], name=name)
+        (scores / f"{name}.json").write_text(json.dumps(results[name], indent=1))
     console.print(f"scores: {scores}")
-    return rows
+    return results

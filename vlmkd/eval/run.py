@@ -12,13 +12,13 @@ from vlmkd.train.prepare import load_items
 
 
 def evaluate_model(model_dir: Path, manifest: Path, limit: int | None = None, strict: bool = False,
-                   rejects_path: Path | None = None) -> dict:
+                   rejects_path: Path | None = None, name: str | None = None) -> dict:
     model, hf_tok = load_model(model_dir)
     tok, layout = data_tokenizer(model, hf_tok)
     rejects = RejectLog(rejects_path)
     items = load_items(manifest, tok, layout, rejects, strict, limit=limit)
     with bar() as p:
-        task = p.add_task(f"eval {Path(model_dir).name}", total=len(items), unit="samples")
+        task = p.add_task(f"eval {name or Path(model_dir).name}", total=len(items), unit="samples")
         preds = greedy_answers(model, items, layout, tok, progress=lambda n: p.update(task, advance=n))
     res = score(items, preds)
     res["rejected"] = rejects.count

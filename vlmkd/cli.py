@@ -139,7 +139,7 @@ def main() -> None:
     try:
         app()
     except VlmkdError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -54,6 +54,10 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer, image_block: list[int], image_token_id: int, max_length: int):
         self.hf = hf_tokenizer
+        # "start": the image block where the manifest puts <image> (LLaVA's convention, usually first);
+        # "end": after the turn's text, so that the visual tokens can attend to the question (causal
+        # attention) and come out question-aware. A model's choice, saved with its tokenizer.
+        self.image_position = hf_tokenizer.init_kwargs.get("image_position", "start")
         self.image_block = list(image_block)
         self.image_token_id = image_token_id
         self.max_length = max_length
@@ -68,6 +72,8 @@ class Tokenizer:
         if IMAGE_PLACEHOLDER not in text:
             return self._ids(text)
         before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        if self.image_position == "end":
+            return self._ids((before + after).strip() + "\n") + self.image_block
         return self._ids(before) + self.image_block + self._ids(after)
 
     def encode(self, sample: Sample, with_answer: bool = True) -> Encoded:

@@ -24,7 +24,7 @@ ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOU, IMAGE, FAKE_IMAGE, GLOBAL_IMAGE, *ROW_COL]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, image_position: str = "start") -> PreTrainedTokenizerFast:
     """Byte-level BPE over `texts`; the role words of the chat template are in every corpus."""
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,6 +47,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         model_max_length=4096,
     )
     fast.chat_template = CHAT_TEMPLATE
+    fast.init_kwargs["image_position"] = image_position  # read by vlmkd.data.template.Tokenizer
     return fast
 
 

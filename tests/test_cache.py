@@ -182,7 +182,7 @@ def test_interrupted_job_resumes_with_every_sample_once(cache_dir, tiny_model_di
 def test_sigkill_mid_job_then_rerun(cache_dir, tiny_model_dir, shapes_dir, tmp_path):
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "vlmkd", "cache-teacher", "--teacher", str(tiny_model_dir), "--data",
-           str(shapes_dir / "val.json"), "--out", str(out), "--k", "16", "--score-visual",
+           str(shapes_dir / "val.json"), "--out", str(out), "--k", "16", "--score-visual", "--backend", "hf",
            "--samples-per-shard", "7", "--batch-size", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

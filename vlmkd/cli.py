@@ -153,7 +153,9 @@ def cache_teacher(
     data: Path = typer.Option(..., help="LLaVA-format data manifest (JSON or JSONL)"),
     out: Path = typer.Option(..., help="cache folder"),
     recipe: Path | None = typer.Option(None, help="a recipe whose `cache:` section sets the extraction"),
-    backend: str = typer.Option("hf", help="teacher backend: hf"),
+    backend: str = typer.Option("auto", help="auto (vLLM when it imports and runs the model), vllm, or hf"),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallelism (GPUs per teacher)"),
+    data_parallel_size: int = typer.Option(1, help="vLLM data parallelism (engine replicas)"),
     topk: int | None = typer.Option(None, "--k", help="top-k log-probs per scored position (default 64)"),
     score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
     num_shards: int = typer.Option(1, help="split the data into N jobs (N GPUs or nodes)"),
@@ -173,7 +175,8 @@ def cache_teacher(
     _threads(threads)
     settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
-                           max_shard_mb * 2**20, strict, overwrite))
+                           max_shard_mb * 2**20, strict, overwrite, tensor_parallel_size=tensor_parallel_size,
+                           data_parallel_size=data_parallel_size))
 
 
 @cache_app.command("inspect")

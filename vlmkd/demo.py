@@ -44,7 +44,8 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
         train_teacher_run(data, teacher, PIPELINES / "teacher.yaml", max_steps=cfg["max_steps"])
     console.print(f"teacher: {teacher}")
     cache = out / "cache"
-    run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml")))
+    run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml"),
+                           backend="auto"))
     console.print(f"cache: {cache}")
     rows = {"teacher": teacher}
     for name in STUDENTS:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoTokenizer,
     CLIPVisionConfig,
@@ -195,12 +196,16 @@ def _save_processor(config, tok, out: Path) -> None:
     proc.save_pretrained(str(out))
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, hf tokenizer) from a saved directory; a clear error when it is not a model dir."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, num_layers: int | None = None):
+    """(model, hf tokenizer) from a saved directory; a clear error when it is not a model dir.
+    `num_layers` keeps only the LLM's first layers (a shallow pass)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json); train or point at one")
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+    config = AutoConfig.from_pretrained(str(path))
+    if num_layers is not None:
+        config.text_config.num_hidden_layers = min(num_layers, config.text_config.num_hidden_layers)
+    model = AutoModelForImageTextToText.from_pretrained(str(path), config=config, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from vlmkd.cache import format as fmt
 from vlmkd.data.dataset import Item, collate, model_inputs
@@ -56,9 +57,14 @@ def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
 class HFTeacher:
     name = "hf"
 
-    def __init__(self, model_dir, settings: Extraction, dtype: torch.dtype = torch.float32):
-        self.model, self.hf_tok = load_model(model_dir, dtype)
+    def __init__(self, model_dir, settings: Extraction, dtype: torch.dtype = torch.float32,
+                 num_layers: int | None = None, with_topk: bool = True):
+        """`num_layers` truncates the LLM (a shallow pass for attention maps and early hidden states
+        when another backend scores the logits); `with_topk=False` leaves the logit payloads out."""
+        self.model, self.hf_tok = load_model(model_dir, dtype, num_layers=num_layers)
+        self.with_topk = with_topk
         self.model.eval()
+        self.full_layers = AutoConfig.from_pretrained(str(model_dir)).text_config.num_hidden_layers
         self.tok, self.layout = data_tokenizer(self.model, self.hf_tok)
         self.settings = settings
         self.vocab_size = self.model.config.text_config.vocab_size
@@ -76,21 +82,19 @@ class HFTeacher:
         """Payload members for each item (tokens, topk, attn, hidden), encoded by the cache codec."""
         s = self.settings
         batch = collate(items, self.layout, self.tok.pad_id)
-        with probe(self.model, batch["attention_mask"], s.attn_layers, s.hidden_points) as pr:
+        points = [p for p in s.hidden_points if self.covers(p)]
+        with probe(self.model, batch["attention_mask"], s.attn_layers, points) as pr:
             logits = self.model(**model_inputs(batch)).logits
         out = []
         for b, it in enumerate(items):
             enc = it.enc
             T = len(enc.input_ids)
-            resp = np.flatnonzero(enc.labels_mask)
-            pos = resp - 1
-            if s.score_visual:
-                pos = np.union1d(pos, np.flatnonzero(enc.image_mask))
-            ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], s.topk)
-            members = {
-                "tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
-                "topk": fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size),
-            }
+            pos = scored_positions(enc, s.score_visual)
+            members = {}
+            if self.with_topk:
+                ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], s.topk)
+                members["tokens"] = fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask)
+                members["topk"] = fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size)
             vis = np.flatnonzero(enc.image_mask)
             if s.attn_layers and len(vis):
                 qpos = np.arange(vis[-1] + 1, T)
@@ -105,8 +109,30 @@ class HFTeacher:
                     h = visual_rows(pr, point, batch["image_mask"])[b].float()
                     hs.append(h @ self.proj if self.proj is not None else h)
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
-            meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": T, "response_tokens": int(len(resp)), "scored": int(len(pos)),
-                    "visual_tokens": int(len(vis))}
-            image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
-            out.append({"meta": fmt.encode_meta(meta), **image, **members})
+            out.append({**sample_head(it, pos), **members} if self.with_topk else members)
         return out
+
+    def covers(self, point: str) -> bool:
+        """Whether this (possibly truncated) model reaches a hidden point."""
+        n = self.model.config.text_config.num_hidden_layers
+        if point == "final":
+            return n == self.full_layers
+        return point == "projector" or int(point.split(":")[1]) < n
+
+
+def scored_positions(enc, score_visual: bool) -> np.ndarray:
+    """The rows the cache stores: pos = t - 1 for response tokens t, and pos = t for visual tokens t."""
+    pos = np.flatnonzero(enc.labels_mask) - 1
+    if score_visual:
+        pos = np.union1d(pos, np.flatnonzero(enc.image_mask))
+    return pos
+
+
+def sample_head(it: Item, pos: np.ndarray) -> dict[str, bytes]:
+    """The meta (and image) members every backend writes for a sample."""
+    enc = it.enc
+    meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": int(len(enc.input_ids)),
+            "response_tokens": int(enc.labels_mask.sum()), "scored": int(len(pos)),
+            "visual_tokens": int(enc.image_mask.sum())}
+    image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
+    return {"meta": fmt.encode_meta(meta), **image}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoConfig
 
 from vlmkd.cache import format as fmt
 from vlmkd.cache.manifest import (
@@ -51,6 +52,8 @@ class CacheJob:
     strict: bool = False
     overwrite: bool = False
     stop_after_shards: int | None = None  # testing: stop as if killed after this many new shards
+    tensor_parallel_size: int = 1  # vLLM only
+    data_parallel_size: int = 1  # vLLM only
 
 
 def part_range(n_rows: int, num_parts: int, index: int) -> tuple[int, int]:
@@ -59,22 +62,42 @@ def part_range(n_rows: int, num_parts: int, index: int) -> tuple[int, int]:
     return n_rows * index // num_parts, n_rows * (index + 1) // num_parts
 
 
-def make_backend(job: CacheJob):
+def choose_backend(name: str, teacher: Path) -> str:
+    """`auto` takes vLLM when it imports and supports the model, and says which it took and why."""
+    from vlmkd.teacher.vllm_backend import vllm_available
+
+    if name not in ("auto", "vllm", "hf"):
+        raise CacheError(f"unknown teacher backend {name!r}; choose auto, vllm or hf")
+    if name == "hf":
+        return "hf"
+    ok, why = vllm_available(teacher)
+    if name == "vllm" and not ok:
+        raise CacheError(f"--backend vllm: {why}; install it with tools/install_vllm.sh or use --backend hf")
+    chosen = "vllm" if ok else "hf"
+    if name == "auto":
+        console.print(f"teacher backend: {chosen} ({why})")
+    return chosen
+
+
+def make_backend(job: CacheJob, backend: str):
+    if backend == "vllm":
+        from vlmkd.teacher.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher(job.teacher, job.settings, job.tensor_parallel_size, job.data_parallel_size)
     from vlmkd.teacher.hf_backend import HFTeacher
 
-    if job.backend == "hf":
-        return HFTeacher(job.teacher, job.settings)
-    raise CacheError(f"unknown teacher backend {job.backend!r}; this build has: hf")
+    return HFTeacher(job.teacher, job.settings)
 
 
 def run_cache_job(job: CacheJob) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    teacher = make_backend(job)
+    backend = choose_backend(job.backend, Path(job.teacher))
+    teacher = make_backend(job, backend)
     rows = list(read_rows(job.data))
     start, end = part_range(len(rows), job.num_parts, job.part_index)
-    cfg = teacher.model.config
+    cfg = AutoConfig.from_pretrained(str(job.teacher))
     fp = {
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {"model_type": cfg.model_type, "weights_sha256": weights_fingerprint(job.teacher),
@@ -85,7 +108,7 @@ def run_cache_job(job: CacheJob) -> dict:
         "tokenizer_sha256": tokenizer_fingerprint(teacher.hf_tok),
         "chat_template": teacher.hf_tok.chat_template,
         "extraction": {**job.settings.to_dict(), "samples_per_shard": job.samples_per_shard,
-                       "max_shard_bytes": job.max_shard_bytes},
+                       "max_shard_bytes": job.max_shard_bytes, "backend": backend},
         "data_sha256": sha256_file(Path(job.data)),
     }
     mpath = out / part_name(job.num_parts, job.part_index)
@@ -99,7 +122,8 @@ def run_cache_job(job: CacheJob) -> dict:
         split = {"num_shards": job.num_parts, "shard_index": job.part_index, "start": start, "end": end}
         manifest = new_manifest(fp, str(job.data), len(rows), split)
         manifest["teacher_path"] = str(job.teacher)
-        manifest["payload_backends"] = {p: teacher.name for p in ("tokens", "topk", "attn", "hidden")}
+        manifest["payload_backends"] = getattr(teacher, "payload_backends",
+                                               {p: teacher.name for p in ("tokens", "topk", "attn", "hidden")})
     if manifest["state"] == "complete":
         console.print(f"{mpath} is complete: nothing to do")
         return manifest
@@ -186,6 +210,8 @@ def run_cache_job(job: CacheJob) -> dict:
             np.save(f, gram.astype(np.float32), allow_pickle=False)
         tmp.replace(gpath)
         manifest["gram"] = {"file": "gram.npy", "sha256": sha256_file(gpath), "shape": list(gram.shape)}
+    if hasattr(teacher, "close"):
+        teacher.close()
     manifest["state"] = "complete"
     write_manifest(mpath, manifest)
     write_rejects(out, manifest)

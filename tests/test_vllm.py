@@ -1,0 +1,91 @@
+"""vLLM teacher backend: parity with the transformers backend on the same samples, rejects, and a
+student trained from a vLLM-built cache. Runs where vLLM is installed (tools/install_vllm.sh)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+from vlmkd.cache.reader import CacheReader  # noqa: E402
+from vlmkd.teacher.hf_backend import Extraction  # noqa: E402
+from vlmkd.teacher.job import CacheJob, run_cache_job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_caches(trained_tiny_teacher, shapes_dir, tmp_path_factory):
+    """The same teacher, samples and settings through both backends (one vLLM engine for the module)."""
+    root = tmp_path_factory.mktemp("parity")
+    rows = json.loads((shapes_dir / "train.json").read_text())
+    (shapes_dir / "bad").mkdir(exist_ok=True)
+    (shapes_dir / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
+    bad = [{**rows[0], "id": "broken-image", "image": "bad/broken.png"},
+           {**rows[1], "id": "too-long", "conversations": [rows[1]["conversations"][0],
+                                                           {"from": "gpt", "value": "word " * 300}]}]
+    manifest = shapes_dir / "parity.json"
+    manifest.write_text(json.dumps(rows + bad))
+    settings = Extraction(topk=16, score_visual=True, attn_layers=[0], hidden_points=["projector"])
+    out = {}
+    for backend in ("hf", "vllm"):
+        out[backend] = root / backend
+        run_cache_job(CacheJob(trained_tiny_teacher, manifest, out[backend], settings, backend=backend,
+                               samples_per_shard=128))
+    return out
+
+
+def _by_id(cache, payloads=("tokens", "topk", "attn", "hidden")):
+    return {s["id"]: s for s in CacheReader(cache, payloads=payloads).samples()}
+
+
+def test_vllm_matches_transformers(two_caches):
+    hf, vl = _by_id(two_caches["hf"]), _by_id(two_caches["vllm"])
+    assert sorted(hf) == sorted(vl) and len(hf) == 280
+    worst_lp, worst_tail, id_mismatch = 0.0, 0.0, 0
+    for sid, a in hf.items():
+        b = vl[sid]
+        assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["pos"], b["pos"])
+        for r in range(len(a["pos"])):
+            sa, sb = set(a["ids"][r]), set(b["ids"][r])
+            common = sorted(sa & sb)
+            # ids may differ only at the k-th place where two log-probs tie within rounding
+            if sa != sb:
+                id_mismatch += 1
+                assert len(sa - sb) <= 1
+            la = dict(zip(a["ids"][r], a["logprobs"][r], strict=True))
+            lb = dict(zip(b["ids"][r], b["logprobs"][r], strict=True))
+            worst_lp = max(worst_lp, max(abs(float(la[i]) - float(lb[i])) for i in common))
+            worst_tail = max(worst_tail, abs(float(np.exp(a["tail"][r])) - float(np.exp(b["tail"][r]))))
+        assert np.allclose(a["attn"], b["attn"]) and np.array_equal(a["hidden"], b["hidden"])
+    # both caches went through the same codec: the quantisation step bounds the difference at large d,
+    # the parity itself is in the raw scores (bench_teacher.py reports them unquantised)
+    assert worst_lp < 0.06 and worst_tail < 1e-3, (worst_lp, worst_tail)
+    assert id_mismatch <= 0.01 * sum(len(a["pos"]) for a in hf.values())
+
+
+def test_vllm_rejects_are_recorded(two_caches):
+    m = json.loads((two_caches["vllm"] / "manifest.json").read_text())
+    rejects = {r["id"]: r["reason"] for s in m["shards"] for r in s["rejects"]}
+    assert set(rejects) == {"broken-image", "too-long"}
+    assert "cannot be decoded" in rejects["broken-image"] and "longer than" in rejects["too-long"]
+    assert m["payload_backends"]["topk"] == "vllm" and m["payload_backends"]["attn"] == "hf"
+    lines = (two_caches["vllm"] / "rejects.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def test_student_trains_from_a_vllm_cache(two_caches, shapes_dir, tmp_path):
+    import yaml
+
+    from conftest import TINY_IDEFICS3
+    from vlmkd.train.student import train_student_run
+
+    student = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,
+                                                                   "intermediate": 64}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "kd", "model": student, "eval_every": 100, "eval_samples": 8,
+                                      "stages": [{"name": "kd", "data": "questions", "steps": 20, "lr": 3e-3,
+                                                  "warmup": 2, "batch_size": 8, "losses": {"ce": 1, "res": 1}}]}))
+    res = train_student_run(recipe, two_caches["vllm"], tmp_path / "run", val=shapes_dir / "val.json")
+    assert (res.model_dir / "config.json").is_file()

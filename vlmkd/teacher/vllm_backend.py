@@ -1,0 +1,147 @@
+"""The vLLM teacher backend: top-k prompt log-probs at inference-engine speed.
+
+Each sample goes to vLLM as the token ids the cache's data path made (the image block collapsed to one
+`<image>` placeholder, which vLLM's Idefics3/LLaVA processor expands again), with its image, in one
+`generate` call per batch with `max_tokens=1` and `prompt_logprobs=k`. vLLM's expanded prompt must
+equal the cache's ids token for token, or the job stops naming the sample. The tail mass is
+log(1 - sum of the top-k probabilities).
+
+What vLLM does not return (shallow-layer attention, visual hidden states) comes from a transformers
+pass in the same job, truncated to the deepest layer asked for (a first-layer pass for Align-KD; a full
+pass only when the `final` hidden point is asked). The manifest records which backend made what.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from vlmkd.cache import format as fmt
+from vlmkd.data.dataset import Item
+from vlmkd.data.images import load_image
+from vlmkd.data.template import Tokenizer
+from vlmkd.errors import CacheError
+from vlmkd.models.build import layout_of
+from vlmkd.teacher.hf_backend import Extraction, HFTeacher, sample_head, scored_positions
+
+SUPPORTED = {"Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration"}
+
+
+def vllm_available(model_dir) -> tuple[bool, str]:
+    """(usable, why): vLLM imports and knows the model's architecture."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (e.g. a torchvision mismatch)
+        return False, f"vLLM does not import here ({type(e).__name__}: {str(e)[:120]})"
+    arch = (AutoConfig.from_pretrained(str(model_dir)).architectures or ["?"])[0]
+    if arch not in SUPPORTED:
+        return False, f"vLLM backend not wired for {arch} (supported: {sorted(SUPPORTED)})"
+    return True, f"vLLM imports and runs {arch}"
+
+
+def aux_layers(settings: Extraction) -> int | None:
+    """How deep the transformers pass must go for the attention and hidden payloads (None: all)."""
+    if "final" in settings.hidden_points:
+        return None
+    need = [li + 1 for li in settings.attn_layers]
+    need += [int(m.group(1)) + 1 for p in settings.hidden_points if (m := re.fullmatch(r"layer:(\d+)", p))]
+    return max(need, default=1)
+
+
+class VLLMTeacher:
+    name = "vllm"
+
+    def __init__(self, model_dir, settings: Extraction, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, gpu_memory_utilization: float | None = None):
+        from vllm import LLM
+
+        self.settings = settings
+        self.hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir))
+        self.layout = layout_of(config, self.hf_tok)
+        self.tok = Tokenizer(self.hf_tok, self.layout.image_block, self.layout.image_token_id, self.layout.max_length)
+        self.vocab_size = config.text_config.vocab_size
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(model=str(model_dir), dtype="auto" if on_gpu else "float32",
+                      max_logprobs=settings.topk, max_model_len=self.layout.max_length,
+                      limit_mm_per_prompt={"image": 1}, tensor_parallel_size=tensor_parallel_size,
+                      # the CPU backend's default memory fraction exceeds one NUMA node here
+                      gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.3),
+                      seed=0)
+        if data_parallel_size > 1:
+            kwargs["data_parallel_size"] = data_parallel_size
+        self.llm = LLM(**kwargs)
+        self.aux = None
+        if settings.attn_layers or settings.hidden_points or settings.gram:
+            self.aux = HFTeacher(model_dir, settings, num_layers=aux_layers(settings), with_topk=False)
+        self.model = self.aux.model if self.aux else None
+        self.payload_backends = {"tokens": "vllm", "topk": "vllm", "attn": "hf", "hidden": "hf"}
+
+    def lm_head_gram(self) -> np.ndarray:
+        return self.aux.lm_head_gram()
+
+    def close(self) -> None:
+        """Stop the engine now (its worker processes), not at interpreter exit."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown:
+            shutdown()
+        del self.llm
+
+    def _prompt(self, it: Item):
+        from vllm.inputs import TokensPrompt
+
+        ids = it.enc.input_ids.tolist()
+        data = {}
+        if it.sample.image is not None:
+            block = self.layout.image_block
+            start = int(np.argmax(it.enc.image_mask)) - block.index(self.layout.image_token_id)
+            ids = ids[:start] + [self.layout.image_token_id] + ids[start + len(block):]
+            data = {"multi_modal_data": {"image": load_image(it.sample.image, it.sample.id)}}
+        return TokensPrompt(prompt_token_ids=ids, **data)
+
+    def extract(self, items: list[Item]) -> list[dict[str, bytes]]:
+        from vllm import SamplingParams
+
+        s = self.settings
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=s.topk, detokenize=False)
+        outs = self.llm.generate([self._prompt(it) for it in items], params, use_tqdm=False)
+        aux = self.aux.extract(items) if self.aux and (s.attn_layers or s.hidden_points) else [{}] * len(items)
+        result = []
+        for it, o, extra in zip(items, outs, aux, strict=True):
+            enc = it.enc
+            if list(o.prompt_token_ids) != enc.input_ids.tolist():
+                raise CacheError(f"sample {it.sample.id}: vLLM scored other token ids than the cache's data path "
+                                 f"({len(o.prompt_token_ids)} vs {len(enc.input_ids)} tokens); the image block or "
+                                 "chat template differs between vLLM's processor and vlmkd")
+            pos = scored_positions(enc, s.score_visual)
+            k = min(s.topk, self.vocab_size)
+            ids = np.zeros((len(pos), k), dtype=np.int64)
+            lps = np.zeros((len(pos), k), dtype=np.float64)
+            for r, p in enumerate(pos):
+                row = o.prompt_logprobs[p + 1]  # vLLM's entry t is p(x_t | x_<t): our row p predicts p + 1
+                top = sorted(((lp.rank, tid, lp.logprob) for tid, lp in row.items() if lp.rank <= k))[:k]
+                ids[r] = [t for _, t, _ in top]
+                lps[r] = [v for _, _, v in top]
+            tail = np.array([_log1mexp(_logsumexp(row)) for row in lps], dtype=np.float64)
+            members = {"tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
+                       "topk": fmt.encode_topk(pos, ids, lps, tail, self.vocab_size)}
+            result.append({**sample_head(it, pos), **members, **extra})
+        return result
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def _log1mexp(x: float) -> float:
+    """log(1 - e^x) for x <= 0; -inf when the top-k holds all the mass."""
+    if x >= 0:
+        return float("-inf")
+    return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
+

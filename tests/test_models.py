@@ -62,3 +62,26 @@ def test_llava_layout_trains_and_round_trips(hf_tok, shapes_dir, tmp_path):
     m2, _ = load_model(d)
     with torch.no_grad():
         assert torch.allclose(model(**model_inputs(batch)).logits, m2(**model_inputs(batch)).logits)
+
+
+def test_chat_template_and_processor_give_our_token_ids(shapes_dir, tmp_path):
+    """For both image positions: HF's chat template + processor tokenise a sample exactly as vlmkd does."""
+    import pytest as _pytest  # noqa: F401
+
+    from conftest import TINY_IDEFICS3
+    from vlmkd.models.tokenizer import train_tokenizer
+
+    samples, _ = load_samples(shapes_dir / "val.json")
+    s = samples[0]
+    for pos in ("start", "end"):
+        tok = train_tokenizer([t.text.replace("<image>", "") for x in samples for t in x.turns], image_position=pos)
+        d = save_model(build_model(TINY_IDEFICS3, tok), tok, tmp_path / pos)
+        model, hf = load_model(d)
+        ours, _ = data_tokenizer(model, hf)
+        enc = ours.encode(s)
+        proc = AutoProcessor.from_pretrained(str(d))
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]
+        text = proc.apply_chat_template(msgs, tokenize=False)
+        ref = proc(images=[Image.open(s.image).convert("RGB")], text=[text], add_special_tokens=False)
+        assert ref["input_ids"][0] == enc.input_ids.tolist(), pos

@@ -6,9 +6,14 @@ becomes the model's image block (for Idefics3: `<fake_token_around_image><global
 + `<fake_token_around_image>`, as its HF processor writes it; for LLaVA: N x `<image>`). The token ids
 made here are the ones the teacher scores and the student trains on: nothing re-tokenises later.
 
-Rendered form (SmolVLM style)::
+Rendered form (SmolVLM style), image_position "start" / "end"::
 
     <|im_start|>User:<image block>\nWhat color is the circle?<end_of_utterance>\nAssistant: red<end_of_utterance>\n
+    <|im_start|>User:What color is the circle?\n<image block><end_of_utterance>\nAssistant: red<end_of_utterance>\n
+
+With "end", the visual tokens come after the question, so causal attention lets each of them read the
+question: they come out question-aware, and binding a position or a colour to a visual token becomes
+learnable for a small model trained from scratch (measured: docs/TEACHER.md).
 """
 
 from __future__ import annotations
@@ -24,18 +29,24 @@ BOS = "<|im_start|>"
 EOU = "<end_of_utterance>"
 ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
 
-# Jinja form of the same template, saved with the tokenizer so other tools render it the same way.
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}"
-    "{{ message['role'] | capitalize }}:"
-    "{% if message['content'] is string %}"
-    "{% if message['role'] == 'assistant' %} {% endif %}{{ message['content'] }}"
-    "{% else %}{% for line in message['content'] %}"
-    "{% if line['type'] == 'text' %}{% if message['role'] == 'assistant' %} {% endif %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}<image>\n{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+
+def chat_template(image_position: str = "start") -> str:
+    """Jinja form of the same template, saved with the tokenizer so other tools render it the same way
+    (the processor expands `<image>` to the model's image block)."""
+    text = "{% for line in message['content'] %}{% if line['type'] == 'text' %}" \
+           "{% if message['role'] == 'assistant' %} {% endif %}{{ line['text'] }}{% endif %}{% endfor %}"
+    image = "{% for line in message['content'] %}{% if line['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    if image_position == "end":
+        body = text + image.replace("<image>", "{{ '\\n' }}<image>")  # Jinja's trim_blocks eats a bare newline
+    else:
+        body = image.replace("<image>", "<image>\n") + text
+    return (
+        "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+        "{% if message['content'] is string %}{% if message['role'] == 'assistant' %} {% endif %}"
+        "{{ message['content'] }}{% else %}" + body + "{% endif %}<end_of_utterance>\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vlmkd.data.template import BOS, CHAT_TEMPLATE, EOU
+from vlmkd.data.template import BOS, EOU, chat_template
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -46,7 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, image_position:
         additional_special_tokens=[EOU, IMAGE, FAKE_IMAGE, GLOBAL_IMAGE],
         model_max_length=4096,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(image_position)
     fast.init_kwargs["image_position"] = image_position  # read by vlmkd.data.template.Tokenizer
     return fast
 

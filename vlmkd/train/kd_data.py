@@ -16,7 +16,8 @@ from PIL import Image
 
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.images import normalize, to_uint8
-from vlmkd.errors import CacheError
+from vlmkd.errors import CacheError, RecipeError
+from vlmkd.train.dist import dist_info
 from vlmkd.models.build import Layout
 from vlmkd.train.loop import matches_kind
 from vlmkd.train.recipe import Stage
@@ -66,7 +67,8 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             raise CacheError(f"sample {s['id']}: the cache has {int(s['visual'].sum())} visual tokens, the student "
                              f"{layout.num_image_tokens}; train a student with the teacher's visual token count")
     px = normalize(torch.from_numpy(np.stack([s["pixels"] for s in samples])), layout.pixels)
-    batch = {"input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img,
+    batch = {"sample_ids": [s["id"] for s in samples],
+             "input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img,
              "pixel_values": px.unsqueeze(1) if layout.arch == "idefics3" else px}
     if "ids" in samples[0]:
         k = samples[0]["ids"].shape[1]
@@ -125,6 +127,14 @@ class CacheSource:
                 raise CacheError(f"{self.reader.root}: no cached samples of kind {kind!r} for this stage")
 
     def batches(self, si: int, stage: Stage, micro_start: int):
+        """This rank's share of each global batch: global batch g is samples [g*B, (g+1)*B) of the
+        cache's seeded stream, and rank r takes positions r, r + W, ... of it. So every rank count sees
+        the same global batches (a 2-process run follows a 1-process run) and, per epoch, every sample
+        exactly once across ranks. Each rank reads all shards to do so (decoding only its own)."""
+        rank, world = dist_info()
+        if stage.batch_size % world:
+            raise RecipeError(f"stage {stage.name}: batch_size {stage.batch_size} does not split over {world} ranks")
         stream = self._stream(stage.data, micro_start * stage.batch_size)
         while True:
-            yield collate_kd([next(stream) for _ in range(stage.batch_size)], self.layout, self.pad_id)
+            glob = [next(stream) for _ in range(stage.batch_size)]
+            yield collate_kd(glob[rank::world], self.layout, self.pad_id)

@@ -23,6 +23,7 @@ from vlmkd.models.build import Layout, parts_of, save_model
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
 from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
 from vlmkd.errors import DataError
+from vlmkd.train.dist import average_gradients, average_logs, barrier, is_main
 from vlmkd.train.recipe import Recipe, Stage
 from vlmkd.train.schedule import lr_factor
 
@@ -149,8 +150,11 @@ def train(
         if (ckpt / "objective.pt").is_file():
             objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True))
         start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
-    metrics = MetricsLog(run_dir, resume_step=global_step)
-    (run_dir / "recipe.json").write_text(json.dumps(_recipe_dict(recipe), indent=1))
+    main = is_main()  # rank 0 writes metrics, evaluations, checkpoints and models
+    barrier()  # every rank has read the checkpoint before rank 0 may replace it
+    if main:
+        metrics = MetricsLog(run_dir, resume_step=global_step)
+        (run_dir / "recipe.json").write_text(json.dumps(_recipe_dict(recipe), indent=1))
     use_bf16 = recipe.dtype == "bfloat16"
     t0 = time.time()
     last_eval = None
@@ -184,32 +188,38 @@ def train(
                 for k, v in terms.items():
                     logs[f"loss_{k}"] = logs.get(f"loss_{k}", 0.0) + float(v.detach()) / stage.grad_accum
                 logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / stage.grad_accum
+            average_gradients(params)  # no-op in one process
+            logs = average_logs(logs)
             gnorm = torch.nn.utils.clip_grad_norm_(params, stage.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             global_step += 1
             done_steps += 1
-            if step % recipe.log_every == 0 or step == total - 1:
+            if main and (step % recipe.log_every == 0 or step == total - 1):
                 metrics.write({"kind": "train", "step": global_step, "stage": stage.name, "lr": lr,
                                "grad_norm": float(gnorm), "time": time.time() - t0, **logs})
             if progress:
                 progress.update(task, advance=1)
             last = step == total - 1
-            if (step + 1) % recipe.eval_every == 0 or last:
+            if main and ((step + 1) % recipe.eval_every == 0 or last):
                 last_eval = evaluate(model, val, layout, tok)
                 metrics.write({"kind": "eval", "step": global_step, "stage": stage.name, **last_eval})
-            if (step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after):
+            if main and ((step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after)):
                 nxt = (si, step + 1) if not last else (si + 1, 0)
                 save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
                                                               "global_step": global_step,
                                                               "stage": stage.name}, objective.state_dict())
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
-        save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}")
+        if main:
+            save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}")
         state = None
-    model_dir = save_model(model, hf_tok, model_out or run_dir / "model")
-    write_csv(run_dir)
-    plot_run(run_dir)
+    model_dir = Path(model_out or run_dir / "model")
+    if main:
+        save_model(model, hf_tok, model_dir)
+        write_csv(run_dir)
+        plot_run(run_dir)
+    barrier()
     return TrainResult(run_dir, model_dir, global_step, time.time() - t0, last_eval)
 
 

@@ -12,6 +12,7 @@ from vlmkd.data.rejects import RejectLog
 from vlmkd.errors import RecipeError
 from vlmkd.models.build import build_model, data_tokenizer, load_model
 from vlmkd.progress import bar
+from vlmkd.train.dist import init_from_env
 from vlmkd.train.kd_data import CacheSource, needed_payloads
 from vlmkd.train.loop import TrainResult, train
 from vlmkd.train.objectives import KDObjective
@@ -38,14 +39,16 @@ def _student(recipe, cache_dir: Path):
 def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | None = None,
                       max_steps: int | None = None, seed: int | None = None, verify: bool = True,
                       shuffle_buffer: int = 256) -> TrainResult:
+    init_from_env()  # under torchrun: join the process group
     recipe = load_recipe(recipe_path)
     if seed is not None:
         recipe.seed = seed
         recipe.model = {**recipe.model, "init_seed": seed}
     model, hf_tok = _student(recipe, Path(cache))
     tok, layout = data_tokenizer(model, hf_tok)
+    # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
     reader = CacheReader(cache, payloads=needed_payloads(recipe.stages), verify=verify,
-                         shuffle_buffer=shuffle_buffer, seed=recipe.seed)
+                         shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
     reader.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
     objective = KDObjective(model, reader, recipe.stages)
     val_path = val or Path(reader.manifest["data"]["manifest"]).with_name("val.json")

@@ -33,10 +33,10 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
     if not (data / "test.json").is_file():
         with bar() as p:
             tasks = {s: p.add_task(f"shapes/{s}", total=n, unit="images") for s, n in cfg["sizes"].items()}
-            # every training image carries one question and one caption (captions teach the
-            # teacher to see; the curriculum in pipelines/teacher.yaml uses them first)
+            # every training image carries one question, every second one a caption too (for the
+            # captioning stages of the teacher and of LLaVA-KD's DPT)
             write_dataset(data, cfg["sizes"], seed=0, questions_per_image={"train": 1},
-                          caption_every={"train": 1}, balanced={"train"},
+                          caption_every={"train": 2}, balanced={"train"},
                           progress=lambda s, n: p.update(tasks[s], advance=n))
     console.print(f"data: {data}")
     teacher = out / "teacher"

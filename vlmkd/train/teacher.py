@@ -33,7 +33,7 @@ def train_teacher_run(data: Path, out: Path, recipe_path: Path, val: Path | None
     train_m, val_m = _manifests(Path(data), val)
     samples, _ = load_samples(train_m)
     texts = [t.text.replace("<image>", "") for s in samples for t in s.turns]
-    hf_tok = train_tokenizer(texts)
+    hf_tok = train_tokenizer(texts, image_position=recipe.model.get("image_position", "start"))
     model = build_model(recipe.model, hf_tok)
     tok, layout = data_tokenizer(model, hf_tok)
     run_dir = run_dir or out.parent / "runs" / out.name

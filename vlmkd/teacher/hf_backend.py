@@ -112,6 +112,18 @@ class HFTeacher:
             out.append({**sample_head(it, pos), **members} if self.with_topk else members)
         return out
 
+    @torch.no_grad()
+    def topk_arrays(self, items: list[Item]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(pos, ids, log-probs, tail) per item, unquantised (for parity checks and benchmarks)."""
+        batch = collate(items, self.layout, self.tok.pad_id)
+        logits = self.model(**model_inputs(batch)).logits
+        out = []
+        for b, it in enumerate(items):
+            pos = scored_positions(it.enc, self.settings.score_visual)
+            ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], self.settings.topk)
+            out.append((pos, ids.numpy(), lps.double().numpy(), tail.double().numpy()))
+        return out
+
     def covers(self, point: str) -> bool:
         """Whether this (possibly truncated) model reaches a hidden point."""
         n = self.model.config.text_config.num_hidden_layers

@@ -89,12 +89,13 @@ def make_backend(job: CacheJob, backend: str):
     return HFTeacher(job.teacher, job.settings)
 
 
-def run_cache_job(job: CacheJob) -> dict:
+def run_cache_job(job: CacheJob, teacher=None) -> dict:
+    """Run (or resume) one cache job; `teacher` reuses an already started backend."""
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    backend = choose_backend(job.backend, Path(job.teacher))
-    teacher = make_backend(job, backend)
+    backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
+    teacher = teacher or make_backend(job, backend)
     rows = list(read_rows(job.data))
     start, end = part_range(len(rows), job.num_parts, job.part_index)
     cfg = AutoConfig.from_pretrained(str(job.teacher))

@@ -104,15 +104,15 @@ class VLLMTeacher:
             data = {"multi_modal_data": {"image": load_image(it.sample.image, it.sample.id)}}
         return TokensPrompt(prompt_token_ids=ids, **data)
 
-    def extract(self, items: list[Item]) -> list[dict[str, bytes]]:
+    def topk_arrays(self, items: list[Item]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(pos, ids, log-probs, tail) per item from one vLLM generate call, unquantised."""
         from vllm import SamplingParams
 
         s = self.settings
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=s.topk, detokenize=False)
         outs = self.llm.generate([self._prompt(it) for it in items], params, use_tqdm=False)
-        aux = self.aux.extract(items) if self.aux and (s.attn_layers or s.hidden_points) else [{}] * len(items)
         result = []
-        for it, o, extra in zip(items, outs, aux, strict=True):
+        for it, o in zip(items, outs, strict=True):
             enc = it.enc
             if list(o.prompt_token_ids) != enc.input_ids.tolist():
                 raise CacheError(f"sample {it.sample.id}: vLLM scored other token ids than the cache's data path "
@@ -128,6 +128,16 @@ class VLLMTeacher:
                 ids[r] = [t for _, t, _ in top]
                 lps[r] = [v for _, _, v in top]
             tail = np.array([_log1mexp(_logsumexp(row)) for row in lps], dtype=np.float64)
+            result.append((pos, ids, lps, tail))
+        return result
+
+    def extract(self, items: list[Item]) -> list[dict[str, bytes]]:
+        s = self.settings
+        scored = self.topk_arrays(items)
+        aux = self.aux.extract(items) if self.aux and (s.attn_layers or s.hidden_points) else [{}] * len(items)
+        result = []
+        for it, (pos, ids, lps, tail), extra in zip(items, scored, aux, strict=True):
+            enc = it.enc
             members = {"tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
                        "topk": fmt.encode_topk(pos, ids, lps, tail, self.vocab_size)}
             result.append({**sample_head(it, pos), **members, **extra})

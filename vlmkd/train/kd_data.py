@@ -19,7 +19,7 @@ from vlmkd.data.images import normalize, to_uint8
 from vlmkd.errors import CacheError, RecipeError
 from vlmkd.train.dist import dist_info
 from vlmkd.models.build import Layout
-from vlmkd.train.loop import matches_kind
+from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
 
 
@@ -110,12 +110,12 @@ class CacheSource:
     def __init__(self, reader: CacheReader, layout: Layout, pad_id: int):
         self.reader, self.layout, self.pad_id = reader, layout, pad_id
 
-    def _stream(self, kind: str, skip: int) -> Iterator[dict]:
+    def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
         for epoch in count():
             got = 0
             for s in self.reader.samples(epoch):
-                if not matches_kind(s.get("prompt", ""), kind):
+                if not stage_accepts(stage, s.get("prompt", "")):
                     continue
                 got += 1
                 seen += 1
@@ -124,7 +124,7 @@ class CacheSource:
                 s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
                 yield s
             if got == 0:
-                raise CacheError(f"{self.reader.root}: no cached samples of kind {kind!r} for this stage")
+                raise CacheError(f"{self.reader.root}: no cached samples for stage {stage.name} ({stage.data!r})")
 
     def batches(self, si: int, stage: Stage, micro_start: int):
         """This rank's share of each global batch: global batch g is samples [g*B, (g+1)*B) of the
@@ -134,7 +134,7 @@ class CacheSource:
         rank, world = dist_info()
         if stage.batch_size % world:
             raise RecipeError(f"stage {stage.name}: batch_size {stage.batch_size} does not split over {world} ranks")
-        stream = self._stream(stage.data, micro_start * stage.batch_size)
+        stream = self._stream(stage, micro_start * stage.batch_size)
         while True:
             glob = [next(stream) for _ in range(stage.batch_size)]
             yield collate_kd(glob[rank::world], self.layout, self.pad_id)

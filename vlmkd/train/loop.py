@@ -6,6 +6,7 @@ chooses the stages, the trainable parts and the loss terms (the `objective`).
 from __future__ import annotations
 
 import contextlib
+import re
 import json
 import time
 from collections.abc import Sequence
@@ -70,8 +71,13 @@ def matches_kind(prompt: str, kind: str) -> bool:
     return prompt.lower().startswith("describe the image") == (kind == "captions")
 
 
+def stage_accepts(stage: Stage, prompt: str) -> bool:
+    """Whether a sample (by its first user prompt) belongs to a stage's data (`data`, `prompt_regex`)."""
+    return matches_kind(prompt, stage.data) and (stage.prompt_regex is None or re.search(stage.prompt_regex, prompt) is not None)
+
+
 def stage_items(items: Sequence[Item], stage: Stage) -> list[Item]:
-    return [it for it in items if matches_kind(it.sample.question, stage.data)]
+    return [it for it in items if stage_accepts(stage, it.sample.question)]
 
 
 def batch_indices(n: int, seed: int, stage_idx: int, step: int, batch: int) -> list[int]:

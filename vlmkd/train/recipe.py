@@ -30,6 +30,7 @@ class Stage:
     weight_decay: float = 0.01
     trainable: list[str] = field(default_factory=lambda: list(PARTS))
     data: str = "all"  # which samples: all, questions only, captions only
+    prompt_regex: str | None = None  # and, if set, only samples whose first prompt matches it
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     loss_args: dict = field(default_factory=dict)
 

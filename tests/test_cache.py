@@ -19,7 +19,7 @@ import zstandard
 
 from vlmkd.cache import format as fmt
 from vlmkd.cache.reader import CacheReader
-from vlmkd.cache.manifest import tokenizer_fingerprint
+from vlmkd.cache.manifest import tokenizer_fingerprint, write_manifest
 from vlmkd.errors import CacheError
 from vlmkd.teacher.hf_backend import Extraction, topk_rows
 from vlmkd.teacher.job import CacheJob, merge_parts, run_cache_job
@@ -236,7 +236,7 @@ def test_hostile_members_are_refused(cache_dir, tmp_path):
         data = buf.getvalue()
         (bad / m["shards"][0]["name"]).write_bytes(data)
         m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        (bad / "manifest.json").write_text(json.dumps(m))
+        write_manifest(bad / "manifest.json", m)
         with pytest.raises(CacheError, match="refused"):
             list(CacheReader(bad).samples())
 
@@ -271,6 +271,41 @@ def test_unknown_format_version_is_refused(cache_dir, tmp_path):
     shutil.copytree(cache_dir, d)
     m = json.loads((d / "manifest.json").read_text())
     m["format_version"] = 99
-    (d / "manifest.json").write_text(json.dumps(m))
+    write_manifest(d / "manifest.json", m)
     with pytest.raises(CacheError, match="version 99"):
         CacheReader(d)
+
+
+def test_a_flipped_byte_in_the_manifest_is_named(cache_dir, tmp_path):
+    """Regression (fault campaign): a flip inside a JSON string kept the manifest valid and went unseen."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(cache_dir, d)
+    text = (d / "manifest.json").read_text()
+    i = text.index("shapes-val-000003")
+    (d / "manifest.json").write_text(text[:i] + "shapes-val-000004" + text[i + 17:])
+    with pytest.raises(CacheError, match="manifest.json.*checksum"):
+        CacheReader(d)
+    out = subprocess.run([sys.executable, "-m", "vlmkd", "cache", "verify", str(d)], capture_output=True, text=True)
+    assert out.returncode == 2 and "manifest.json" in out.stderr
+
+
+def test_a_pickled_member_is_refused_by_name(cache_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "p"
+    shutil.copytree(cache_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    members = {"meta": json.dumps({"id": "x", "tokens": 1}).encode(),
+               "tokens": fmt.encode_tokens(np.array([1]), np.array([False]), np.array([False])),
+               "hidden": zstandard.ZstdCompressor().compress(pickled.getvalue())}
+    from vlmkd.cache.writer import write_shard
+
+    nbytes, digest, _ = write_shard(d / m["shards"][0]["name"], [("0000000000", members)])
+    m["shards"][0].update(bytes=nbytes, sha256=digest)
+    write_manifest(d / "manifest.json", m)
+    with pytest.raises(CacheError, match=r"0000000000\.hidden\.npy\.zst.*refused"):
+        list(CacheReader(d, payloads=("tokens", "hidden")).samples())

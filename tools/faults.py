@@ -212,11 +212,15 @@ def hostile(cache: Path, work: Path) -> dict:
         shutil.copytree(cache, bad)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            meta = tarfile.TarInfo("0000000000.meta.json")
-            body = json.dumps({"id": "x", "tokens": 1}).encode()
-            if label == "pickled_npy":
-                meta.size = len(body)
-                tar.addfile(meta, io.BytesIO(body))
+            if label == "pickled_npy":  # a sample that is valid but for its pickled hidden-state member
+                from vlmkd.cache import format as fmt
+
+                for member, blob in [("0000000000.meta.json", json.dumps({"id": "x", "tokens": 1}).encode()),
+                                     ("0000000000.tokens.npy.zst",
+                                      fmt.encode_tokens(np.array([1]), np.array([False]), np.array([False])))]:
+                    ti0 = tarfile.TarInfo(member)
+                    ti0.size = len(blob)
+                    tar.addfile(ti0, io.BytesIO(blob))
             ti = tarfile.TarInfo(name)
             if kind == "symlink":
                 ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -229,7 +233,9 @@ def hostile(cache: Path, work: Path) -> dict:
         (bad / shard).write_bytes(data)
         mm = json.loads((bad / "manifest.json").read_text())
         mm["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        (bad / "manifest.json").write_text(json.dumps(mm))
+        from vlmkd.cache.manifest import write_manifest
+
+        write_manifest(bad / "manifest.json", mm)  # a consistent manifest: only the shard is hostile
         try:
             list(CacheReader(bad, payloads=("tokens", "hidden") if label == "pickled_npy" else ("tokens",)).samples())
             cases[label] = {"refused": False}
@@ -262,7 +268,10 @@ def fuzz(work: Path, n: int, image: Path) -> dict:
         ["<image>", "<image><image>", "", " ", "word " * 300, "\u202e\u0000\ud7ff", "<end_of_utterance>"])
     turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "user", "assistant", "system", "robot"]) | st.integers(),
                                   "value": text | st.integers() | st.none()})
-    row = st.fixed_dictionaries({}, optional={
+    valid = {"id": "v", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat shape?"},
+                                                             {"from": "gpt", "value": "circle"}]}
+    good = st.builds(lambda v: {**valid, "id": f"v{v}"}, st.integers(0, 10**6))  # some rows must be fine
+    row = good | st.fixed_dictionaries({}, optional={
         "id": st.text(max_size=12) | st.integers() | st.none(),
         "image": st.sampled_from(["ok.png", "broken.png", "huge.png", "missing.png", "", "/etc/passwd"]) | st.integers(),
         "conversations": st.lists(turn, max_size=4) | st.text(max_size=5) | st.none()}) | st.integers() | st.text(max_size=8)

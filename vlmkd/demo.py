@@ -21,9 +21,10 @@ from vlmkd.train.teacher import train_teacher_run
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 STUDENTS = ("sft", "llava_kd")
 FULL = {"sizes": {"train": 16000, "val": 500, "test": 1000}, "max_steps": None, "student_steps": None,
-        "test_limit": None}
+        "test_limit": None, "backend": "auto"}
+# the plumbing check: tiny sizes, and the transformers backend (no vLLM engine start-up)
 QUICK = {"sizes": {"train": 300, "val": 100, "test": 100}, "max_steps": 30, "student_steps": 10,
-         "test_limit": 100}
+         "test_limit": 100, "backend": "hf"}
 
 
 def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
@@ -45,7 +46,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
     console.print(f"teacher: {teacher}")
     cache = out / "cache"
     run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml"),
-                           backend="auto"))
+                           backend=cfg["backend"]))
     console.print(f"cache: {cache}")
     rows = {"teacher": teacher}
     for name in STUDENTS:

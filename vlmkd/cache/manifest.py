@@ -49,7 +49,15 @@ def part_name(num_parts: int, index: int) -> str:
     return MANIFEST if num_parts == 1 else f"manifest.part-{index:03d}-of-{num_parts:03d}.json"
 
 
+def _body_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
+    """Atomically, with `manifest_sha256` over the rest (sorted-key JSON), so that a flipped byte in
+    the manifest itself is caught like one in a shard."""
+    manifest["manifest_sha256"] = _body_digest(manifest)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -80,6 +88,9 @@ def read_manifest(path: Path) -> dict:
         raise CacheError(f"{path} is not valid JSON ({e}); the manifest is corrupt") from e
     if not isinstance(m, dict) or m.get("format") != "vlmkd-cache":
         raise CacheError(f"{path} is not a vlmkd cache manifest")
+    if m.get("manifest_sha256") != _body_digest(m):
+        raise CacheError(f"{path}: the manifest's checksum does not match its content; it is corrupt "
+                         "(re-run the cache job to rewrite it, or restore it)")
     v = m.get("format_version")
     if v not in KNOWN_VERSIONS:
         raise CacheError(f"{path}: cache format version {v} is not known to this vlmkd (reads {sorted(KNOWN_VERSIONS)}); "

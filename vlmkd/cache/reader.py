@@ -79,8 +79,10 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
                 out.update(fmt.DECODERS[p](members[p]))
     except CacheError:
         raise
-    except Exception as e:  # zstd, npy or JSON failure: corrupt bytes
-        raise CacheError(f"shard {shard}: sample {key} cannot be decoded ({type(e).__name__}: {e})") from e
+    except Exception as e:  # zstd, npy or JSON failure: corrupt bytes, or a pickled array refused
+        member = fmt.member_name(key, p) if "p" in locals() else f"{key}.meta.json"
+        raise CacheError(f"shard {shard}: member {member} of sample {key} cannot be decoded "
+                         f"({type(e).__name__}: {e}); refused") from e
     return out
 
 
@@ -107,7 +109,11 @@ class CacheReader:
 
     def _manifest(self) -> dict:
         if "://" in self.root and not self.root.startswith("file://"):
-            return json.loads(_open_bytes(f"{self.root}/manifest.json"))
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:  # one check for every filesystem
+                (Path(d) / "manifest.json").write_bytes(_open_bytes(f"{self.root}/manifest.json"))
+                return read_manifest(Path(d))
         return read_manifest(Path(self.root.removeprefix("file://")))
 
     @property

@@ -14,6 +14,7 @@ pass only when the `final` hidden point is asked). The manifest records which ba
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
@@ -66,6 +67,10 @@ class VLLMTeacher:
         self.tok = Tokenizer(self.hf_tok, self.layout.image_block, self.layout.image_token_id, self.layout.max_length)
         self.vocab_size = config.text_config.vocab_size
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            # vLLM's CPU backend keeps one core for its front end by default; here the front end only
+            # waits on the engine, so give the engine every core (override by setting the variable)
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kwargs = dict(model=str(model_dir), dtype="auto" if on_gpu else "float32",
                       max_logprobs=settings.topk, max_model_len=self.layout.max_length,
                       limit_mm_per_prompt={"image": 1}, tensor_parallel_size=tensor_parallel_size,

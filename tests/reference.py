@@ -11,21 +11,21 @@ import torch
 def _div(P, Q, loss, beta, alpha):
     """Divergence of two explicit probability lists."""
     def kl(a, b):
-        return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
+        return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b, strict=True) if x > 0)
 
     if loss == "fkl":
         return kl(P, Q)
     if loss == "rkl":
         return kl(Q, P)
     if loss == "jsd":
-        M = [beta * p + (1 - beta) * q for p, q in zip(P, Q)]
+        M = [beta * p + (1 - beta) * q for p, q in zip(P, Q, strict=True)]
         return beta * kl(P, M) + (1 - beta) * kl(Q, M)
     if loss == "skl":
-        return kl(P, [alpha * p + (1 - alpha) * q for p, q in zip(P, Q)])
+        return kl(P, [alpha * p + (1 - alpha) * q for p, q in zip(P, Q, strict=True)])
     if loss == "srkl":
-        return kl(Q, [(1 - alpha) * p + alpha * q for p, q in zip(P, Q)])
+        return kl(Q, [(1 - alpha) * p + alpha * q for p, q in zip(P, Q, strict=True)])
     if loss == "tvd":
-        return 0.5 * sum(abs(p - q) for p, q in zip(P, Q))
+        return 0.5 * sum(abs(p - q) for p, q in zip(P, Q, strict=True))
     raise ValueError(loss)
 
 
@@ -89,7 +89,7 @@ def relation_ref(fs, ft, mask=None, gs=None, gt=None):
 
 def preference_ref(sc, sr, tc, tr, beta):
     vals = []
-    for a, b, c, d in zip(sc.tolist(), sr.tolist(), tc.tolist(), tr.tolist()):
+    for a, b, c, d in zip(sc.tolist(), sr.tolist(), tc.tolist(), tr.tolist(), strict=True):
         m = beta * ((a - c) - (b - d))
         vals.append(math.log(1 + math.exp(-m)))
     return sum(vals) / len(vals)

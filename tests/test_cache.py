@@ -18,8 +18,8 @@ import torch
 import zstandard
 
 from vlmkd.cache import format as fmt
-from vlmkd.cache.reader import CacheReader
 from vlmkd.cache.manifest import tokenizer_fingerprint, write_manifest
+from vlmkd.cache.reader import CacheReader
 from vlmkd.errors import CacheError
 from vlmkd.teacher.hf_backend import Extraction, topk_rows
 from vlmkd.teacher.job import CacheJob, merge_parts, run_cache_job

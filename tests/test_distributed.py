@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import TINY_IDEFICS3
+
 from vlmkd.cache.reader import CacheReader
 from vlmkd.teacher.hf_backend import Extraction
 from vlmkd.teacher.job import CacheJob, run_cache_job
@@ -75,10 +75,9 @@ def test_one_epoch_deals_every_sample_once(qa_cache, monkeypatch):
 
 
 def _layout(cache):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from vlmkd.models.build import layout_of
-    from transformers import AutoConfig
 
     path = CacheReader(cache, payloads=()).manifest["teacher_path"]
     return layout_of(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path))

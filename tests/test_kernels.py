@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from reference import sparse_kd_ref
+
 from vlmkd.kernels.chunked_kd import linear_sparse_kd
 from vlmkd.losses import LOSSES, logit_kd
 

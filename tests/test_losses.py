@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from reference import full_vocab_ref, preference_ref, relation_ref, sparse_kd_ref
+
 from vlmkd.losses import (
     LOSSES,
     AdaptiveWeights,
@@ -164,7 +164,7 @@ def test_text_focus_and_focus_align():
     assert torch.allclose(w[0], ref0) and torch.allclose(w.sum(-1), torch.ones(2, dtype=torch.float64))
     s = torch.randn(2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
-    ref = sum(float((w[b, j] * ((s[b, j] - t[b, j]) ** 2).mean())) for b in range(2) for j in range(9)) / 2
+    ref = sum(float(w[b, j] * ((s[b, j] - t[b, j]) ** 2).mean()) for b in range(2) for j in range(9)) / 2
     assert float(focus_align(s, t, w)) == pytest.approx(ref, rel=1e-6)
     assert torch.autograd.gradcheck(lambda x: focus_align(x, t, w), (s,))
 

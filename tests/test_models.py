@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import TINY_LLAVA
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import TINY_LLAVA
 from vlmkd.data.dataset import collate, encode_samples, model_inputs
 from vlmkd.data.images import normalize, to_uint8
 from vlmkd.data.manifest import load_samples
@@ -67,8 +67,8 @@ def test_llava_layout_trains_and_round_trips(hf_tok, shapes_dir, tmp_path):
 def test_chat_template_and_processor_give_our_token_ids(shapes_dir, tmp_path):
     """For both image positions: HF's chat template + processor tokenise a sample exactly as vlmkd does."""
     import pytest as _pytest  # noqa: F401
-
     from conftest import TINY_IDEFICS3
+
     from vlmkd.models.tokenizer import train_tokenizer
 
     samples, _ = load_samples(shapes_dir / "val.json")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import TINY_IDEFICS3
+
 from vlmkd.cache.reader import CacheReader
 from vlmkd.errors import CacheError
 from vlmkd.teacher.hf_backend import Extraction

@@ -57,7 +57,7 @@ def test_raw_scores_agree_within_1e3_nats(two_caches):
         assert np.array_equal(pa, pb)
         for r in range(len(pa)):
             rows += 1
-            da, db = dict(zip(ia[r].tolist(), la[r].tolist())), dict(zip(ib[r].tolist(), lb[r].tolist()))
+            da, db = dict(zip(ia[r].tolist(), la[r].tolist(), strict=True)), dict(zip(ib[r].tolist(), lb[r].tolist(), strict=True))
             if set(da) != set(db):
                 other_ids += 1
                 # a differing id may only be a near-tie at the k-th place
@@ -110,8 +110,8 @@ def test_vllm_rejects_are_recorded(two_caches):
 
 def test_student_trains_from_a_vllm_cache(two_caches, shapes_dir, tmp_path):
     import yaml
-
     from conftest import TINY_IDEFICS3
+
     from vlmkd.train.student import train_student_run
 
     student = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,

@@ -113,7 +113,7 @@ def check(shape, device, dtype, seed) -> float:
     h, w, ids, lp, tail = make(*small, device, torch.float32, seed + 1)
     a = run_impl("naive", h, w, ids, lp, tail)
     b = run_impl("chunked", h, w, ids, lp, tail)
-    return max(float(((x - y).abs().max() / y.abs().max().clamp_min(1e-12))) for x, y in zip(b, a, strict=True))
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(b, a, strict=True))
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def corruptions(cache: Path, work: Path, n: int, rng: random.Random) -> dict:
     detected = named = 0
     kinds: dict[str, int] = {}
     m = json.loads((cache / "manifest.json").read_text())
-    for i in range(n):
+    for _ in range(n):
         bad = work / "corrupt"
         if bad.exists():
             shutil.rmtree(bad)

@@ -45,7 +45,7 @@ def data_shapes(
         tasks = {s: p.add_task(f"shapes/{s}", total=n, unit="images") for s, n in sizes.items()}
         paths = write_dataset(out, sizes, seed, {"train": questions_per_image}, {"train": caption_every},
                               progress=lambda s, n: p.update(tasks[s], advance=n))
-    for split, path in paths.items():
+    for path in paths.values():
         console.print(f"wrote {path} ({len(json.loads(path.read_text()))} samples)")
 
 

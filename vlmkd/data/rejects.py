@@ -14,14 +14,11 @@ class RejectLog:
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
         self.count = 0
-        self.reasons: dict[str, int] = {}
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, reject: Reject) -> None:
         self.count += 1
-        kind = reject.reason.split(":")[-1].strip().split(" ")[0] if reject.reason else "?"
-        self.reasons[kind] = self.reasons.get(kind, 0) + 1
         if self.path:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"id": reject.sample_id, "source": reject.source, "reason": reject.reason}) + "\n")

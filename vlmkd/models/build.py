@@ -11,7 +11,6 @@ config: `transformers.AutoModelForImageTextToText.from_pretrained(dir)` and vLLM
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,13 +214,6 @@ def data_tokenizer(model, tok) -> tuple[Tokenizer, Layout]:
     return Tokenizer(tok, lay.image_block, lay.image_token_id, lay.max_length), lay
 
 
-def count_params(model) -> dict[str, int]:
-    parts = {"total": sum(p.numel() for p in model.parameters())}
-    for name, mod in parts_of(model).items():
-        parts[name] = sum(p.numel() for p in mod.parameters())
-    return parts
-
-
 def parts_of(model) -> dict[str, torch.nn.Module]:
     """The three trainable groups of a VLM: vision tower, projector (connector), LLM (with LM head)."""
     inner = model.model
@@ -230,8 +222,3 @@ def parts_of(model) -> dict[str, torch.nn.Module]:
     else:
         vision, projector, llm = inner.vision_tower, inner.multi_modal_projector, inner.language_model
     return {"vision": vision, "projector": projector, "llm": torch.nn.ModuleList([llm, model.lm_head])}
-
-
-def describe(path: str | Path) -> dict:
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    return {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures")}

@@ -32,7 +32,8 @@ from vlmkd.cache.manifest import (
 )
 from vlmkd.cache.writer import remove_temporaries, write_shard
 from vlmkd.data.dataset import encode_samples
-from vlmkd.data.manifest import Reject, read_manifest as read_rows
+from vlmkd.data.manifest import Reject
+from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
 from vlmkd.progress import bar, console
 from vlmkd.teacher.hf_backend import Extraction

@@ -17,8 +17,8 @@ from PIL import Image
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.images import normalize, to_uint8
 from vlmkd.errors import CacheError, RecipeError
-from vlmkd.train.dist import dist_info
 from vlmkd.models.build import Layout
+from vlmkd.train.dist import dist_info
 from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
 

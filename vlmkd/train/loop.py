@@ -6,8 +6,8 @@ chooses the stages, the trainable parts and the loss terms (the `objective`).
 from __future__ import annotations
 
 import contextlib
-import re
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,15 +18,16 @@ import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs
 from vlmkd.data.template import Tokenizer
+from vlmkd.errors import DataError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import Layout, parts_of, save_model
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
-from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
-from vlmkd.errors import DataError
 from vlmkd.train.dist import average_gradients, average_logs, barrier, is_main
+from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
 from vlmkd.train.recipe import Recipe, Stage
 from vlmkd.train.schedule import lr_factor
+
 
 class Objective(torch.nn.Module):
     """objective(stage, model, batch, step) -> {term name: scalar tensor}; the loop weights the terms by
@@ -184,7 +185,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             logs: dict[str, float] = {}
-            for micro in range(stage.grad_accum):
+            for _ in range(stage.grad_accum):
                 batch = next(stream)
                 ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with ctx:

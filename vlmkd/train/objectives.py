@@ -20,7 +20,15 @@ import torch
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.dataset import model_inputs
 from vlmkd.errors import RecipeError
-from vlmkd.losses import attention_kd, feature_kd, focus_align, linear_temperature, logit_kd, relation_kd, text_focus
+from vlmkd.losses import (
+    attention_kd,
+    feature_kd,
+    focus_align,
+    linear_temperature,
+    logit_kd,
+    relation_kd,
+    text_focus,
+)
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.probe import probe, visual_rows
 from vlmkd.train.loop import Objective

@@ -59,3 +59,21 @@ def test_quick_demo_end_to_end(tmp_path):
               "--json", str(tmp_path / "e.json"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 20
+
+
+@pytest.mark.slow
+def test_quick_fault_campaign(tmp_path):
+    """tools/faults.py in small numbers: every fault survived, detected or refused (docs/RELIABILITY.md)."""
+    import pathlib
+
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "faults.py"
+    out = subprocess.run([sys.executable, str(tool), "--kills", "1", "--trials", "40", "--fuzz", "40",
+                          "--json", str(tmp_path / "f.json"), "--keep", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "f.json").read_text())
+    assert r["cache_kills"]["exact"] == r["cache_kills"]["runs"] == 1
+    assert r["trainer_kills"]["equal"] == r["trainer_kills"]["runs"] == 1
+    assert r["corruptions"]["detected"] == r["corruptions"]["named"] == 40
+    assert all(v["refused"] and v["named"] for v in r["hostile"].values())
+    assert r["fuzz"]["ok"] and r["fuzz"]["outcomes"]["crash"] == 0

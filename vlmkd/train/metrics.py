@@ -59,9 +59,10 @@ def plot_run(run_dir: str | Path) -> Path:
     terms = sorted({k for r in train for k in r if k.startswith("loss")})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for t in terms:
-        pts = [(r["step"], r[t]) for r in train if t in r and r[t] is not None and r[t] > 0]
-        if pts:
-            axes[0].plot(*zip(*pts, strict=True), label=t, lw=1)
+        # NaN where a stage does not have the term, so the line breaks instead of bridging stages
+        ys = [r[t] if r.get(t) is not None and r[t] > 0 else float("nan") for r in train]
+        if any(y == y for y in ys):
+            axes[0].plot([r["step"] for r in train], ys, label=t, lw=1)
     axes[0].set_yscale("log")
     axes[0].set_title("training loss terms")
     axes[0].set_xlabel("step")

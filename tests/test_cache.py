@@ -291,6 +291,19 @@ def test_a_flipped_byte_in_the_manifest_is_named(cache_dir, tmp_path):
     assert out.returncode == 2 and "manifest.json" in out.stderr
 
 
+def test_a_manifest_flip_into_invalid_utf8_is_named(cache_dir, tmp_path):
+    """Regression (full fault campaign): such a flip escaped as a UnicodeDecodeError."""
+    import shutil
+
+    d = tmp_path / "u"
+    shutil.copytree(cache_dir, d)
+    data = bytearray((d / "manifest.json").read_bytes())
+    data[100] = 0xF0  # a lead byte with no continuation bytes after it
+    (d / "manifest.json").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="manifest.json is not valid UTF-8 JSON"):
+        CacheReader(d)
+
+
 def test_a_pickled_member_is_refused_by_name(cache_dir, tmp_path):
     import shutil
 

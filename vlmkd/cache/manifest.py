@@ -83,9 +83,9 @@ def read_manifest(path: Path) -> dict:
         raise CacheError(f"{path} does not exist: not a vlmkd cache (or its jobs were never merged: "
                          "run `vlmkd cache merge`)")
     try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{path} is not valid JSON ({e}); the manifest is corrupt") from e
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is not valid UTF-8 JSON ({e}); the manifest is corrupt") from e
     if not isinstance(m, dict) or m.get("format") != "vlmkd-cache":
         raise CacheError(f"{path} is not a vlmkd cache manifest")
     if m.get("manifest_sha256") != _body_digest(m):

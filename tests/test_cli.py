@@ -51,7 +51,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert {"accuracy", "n", "per_type"} <= set(scores) and scores["n"] == 100
     assert (d / "runs/teacher/curves.png").is_file()
     assert (d / "cache/manifest.json").is_file()
-    for name in ("sft", "llava_kd"):
+    for name in ("sft", "mdist"):
         assert (d / "students" / name / "model/config.json").is_file()
         assert json.loads((d / "scores" / f"{name}.json").read_text())["n"] == 100
     # eval on any LLaVA manifest, with JSON out

@@ -1,7 +1,7 @@
 """`vlmkd demo`: the default pipeline end to end on the shapes data set.
 
 OUT/data/{train,val,test}.json (+ images) -> OUT/teacher/ (HF format) -> OUT/cache/ (teacher cache)
--> OUT/students/{sft,llava_kd}/ (runs; the student in model/) -> OUT/scores/*.json and a table.
+-> OUT/students/{sft,mdist}/ (runs; the student in model/) -> OUT/scores/*.json and a table.
 Each step is skipped when its output is already complete, so a re-run resumes.
 """
 
@@ -19,7 +19,7 @@ from vlmkd.train.student import train_student_run
 from vlmkd.train.teacher import train_teacher_run
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-STUDENTS = ("sft", "llava_kd")
+STUDENTS = ("sft", "mdist")
 FULL = {"sizes": {"train": 16000, "val": 500, "test": 1000}, "max_steps": None, "student_steps": None,
         "test_limit": None, "backend": "auto"}
 # the plumbing check: tiny sizes, and the transformers backend (no vLLM engine start-up)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from vlmkd.cache import format as fmt
 from vlmkd.cache.manifest import (
@@ -35,6 +35,7 @@ from vlmkd.data.dataset import encode_samples
 from vlmkd.data.manifest import Reject
 from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
+from vlmkd.models.build import layout_of
 from vlmkd.progress import bar, console
 from vlmkd.teacher.hf_backend import Extraction
 
@@ -96,19 +97,21 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
     backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
-    teacher = teacher or make_backend(job, backend)
     rows = list(read_rows(job.data))
     start, end = part_range(len(rows), job.num_parts, job.part_index)
+    # the fingerprint comes from the files, so a finished cache is recognised without starting a backend
     cfg = AutoConfig.from_pretrained(str(job.teacher))
+    hf_tok = AutoTokenizer.from_pretrained(str(job.teacher))
+    layout = layout_of(cfg, hf_tok)
     fp = {
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {"model_type": cfg.model_type, "weights_sha256": weights_fingerprint(job.teacher),
-                    "vocab_size": teacher.vocab_size, "hidden_size": cfg.text_config.hidden_size,
+                    "vocab_size": cfg.text_config.vocab_size, "hidden_size": cfg.text_config.hidden_size,
                     "num_layers": cfg.text_config.num_hidden_layers,
                     "num_heads": cfg.text_config.num_attention_heads,
-                    "num_visual_tokens": teacher.layout.num_image_tokens, "patch_grid": teacher.layout.patch_grid},
-        "tokenizer_sha256": tokenizer_fingerprint(teacher.hf_tok),
-        "chat_template": teacher.hf_tok.chat_template,
+                    "num_visual_tokens": layout.num_image_tokens, "patch_grid": layout.patch_grid},
+        "tokenizer_sha256": tokenizer_fingerprint(hf_tok),
+        "chat_template": hf_tok.chat_template,
         "extraction": {**job.settings.to_dict(), "samples_per_shard": job.samples_per_shard,
                        "max_shard_bytes": job.max_shard_bytes, "backend": backend},
         "data_sha256": sha256_file(Path(job.data)),
@@ -120,15 +123,16 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         diff = fingerprint_diff(fingerprint(manifest), fp)
         if diff:
             raise CacheError(f"{out} holds a cache made with other {', '.join(diff)}; use a new --out or --overwrite")
+    if manifest is not None and manifest["state"] == "complete":
+        console.print(f"{mpath} is complete: nothing to do")
+        return manifest
+    teacher = teacher or make_backend(job, backend)
     if manifest is None:
         split = {"num_shards": job.num_parts, "shard_index": job.part_index, "start": start, "end": end}
         manifest = new_manifest(fp, str(job.data), len(rows), split)
         manifest["teacher_path"] = str(job.teacher)
         manifest["payload_backends"] = getattr(teacher, "payload_backends",
                                                {p: teacher.name for p in ("tokens", "topk", "attn", "hidden")})
-    if manifest["state"] == "complete":
-        console.print(f"{mpath} is complete: nothing to do")
-        return manifest
     cursor = manifest["shards"][-1]["end"] if manifest["shards"] else start
     prefix = "shard-" if job.num_parts == 1 else f"part{job.part_index:03d}-"
     bs = job.settings.batch_size

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed and a third of the steps")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of the rows")
     args = ap.parse_args()
 
     from vlmkd.eval.run import evaluate_model
@@ -43,7 +44,8 @@ def main() -> None:
     data = args.demo / "data"
     results: dict = {"teacher": evaluate_model(args.demo / "teacher", data / "test.json", limit=args.test_limit)}
     results["teacher"]["runs"] = 1
-    for name in RECIPES:
+    chosen = [r for r in RECIPES if r in args.recipes.split(",")]
+    for name in chosen:
         rows = []
         for seed in seeds:
             run = args.out / "students" / name / f"seed{seed}"
@@ -60,6 +62,9 @@ def main() -> None:
             sc["step_seconds"] = secs / max(res.steps, 1)
             rows.append(sc)
         results[name] = aggregate(rows)
+    previous = args.out / "results.json"
+    if previous.is_file():  # rows of recipes not re-run this time are kept
+        results = {**json.loads(previous.read_text()), **results}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "RESULTS.md").write_text(markdown(results, args))
     chart(results, args.out / "results.png")
@@ -80,19 +85,19 @@ def aggregate(rows: list[dict]) -> dict:
 
 def markdown(results: dict, args) -> str:
     types = sorted(results["teacher"]["per_type"])
-    head = "| model | accuracy | " + " | ".join(types) + " | held-out NLL | s / step |\n"
-    head += "| --- " * (len(types) + 4) + "|\n"
+    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL | s / step |\n"
+    head += "| --- " * (len(types) + 5) + "|\n"
     lines = []
     t = results["teacher"]
-    lines.append(f"| teacher | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
+    lines.append(f"| teacher | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
                  + " | | |")
-    for name in RECIPES:
+    for name in [n for n in RECIPES if n in results]:
         r = results[name]
         cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
+        lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
                      + f" | {cell(r['val_nll'])} | {r['step_seconds']['mean']:.3f} |")
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
-            f"{results[RECIPES[0]]['runs']} seed(s); n = {results['teacher']['n']} test questions.\n"
+            f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"
             f"Command: `python tools/reproduce.py --demo {args.demo} --out {args.out}{' --quick' if args.quick else ''}`\n\n"
             + head + "\n".join(lines) + "\n")
 
@@ -103,11 +108,12 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["teacher", *RECIPES]
-    means = [results["teacher"]["accuracy"]] + [results[n]["accuracy"]["mean"] for n in RECIPES]
-    stds = [0.0] + [results[n]["accuracy"]["std"] for n in RECIPES]
+    rows = [n for n in RECIPES if n in results]
+    names = ["teacher", *rows]
+    means = [results["teacher"]["accuracy"]] + [results[n]["accuracy"]["mean"] for n in rows]
+    stds = [0.0] + [results[n]["accuracy"]["std"] for n in rows]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(names, means, yerr=stds, color=["#555"] + ["#4a7"] * len(RECIPES), capsize=4)
+    ax.bar(names, means, yerr=stds, color=["#555"] + ["#4a7"] * len(rows), capsize=4)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
     ax.set_title("shapes: students from one teacher cache")

@@ -6,6 +6,7 @@ chooses the stages, the trainable parts and the loss terms (the `objective`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import time
@@ -88,9 +89,13 @@ def batch_indices(n: int, seed: int, stage_idx: int, step: int, batch: int) -> l
     start = step * batch
     for k in range(start, start + batch):
         epoch, pos = divmod(k, n)
-        perm = np.random.default_rng([seed, stage_idx, epoch]).permutation(n)
-        out.append(int(perm[pos]))
+        out.append(int(_epoch_order(n, seed, stage_idx, epoch)[pos]))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, stage_idx: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, stage_idx, epoch]).permutation(n)
 
 
 def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:

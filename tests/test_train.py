@@ -88,3 +88,16 @@ def test_recipe_refuses_unknown_keys():
         parse_recipe({"model": {}, "stages": [{"name": "a", "steps": 1, "lr_typo": 1}]})
     with pytest.raises(RecipeError, match="trainable"):
         parse_recipe({"model": {}, "stages": [{"name": "a", "steps": 1, "trainable": ["eyes"]}]})
+
+
+def test_checkpoint_survives_a_kill_while_the_previous_one_was_being_deleted(hf_tok, shapes_dir, tmp_path):
+    """Regression (fault campaign in CI): a half-deleted checkpoint.old made the next save fail."""
+    model, tok, layout, src, va = _setup(hf_tok, shapes_dir)
+    run = tmp_path / "r"
+    train(_recipe(steps=4), model, hf_tok, tok, layout, src, va, run, stop_after=2)
+    half = run / "checkpoint.old"
+    half.mkdir()
+    (half / "config.json").write_text("{}")  # what a kill during rmtree leaves behind
+    model, tok, layout, src, va = _setup(hf_tok, shapes_dir)
+    res = train(_recipe(steps=4), model, hf_tok, tok, layout, src, va, run)
+    assert res.steps == 4 and (run / "model" / "config.json").is_file()

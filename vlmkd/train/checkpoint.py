@@ -33,6 +33,8 @@ def save_checkpoint(run_dir: Path, model, tok, optimizer, state: dict, extra: di
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     old = run_dir / f"{CKPT}.old"
+    if old.exists() and final.exists():
+        shutil.rmtree(old)  # leftover of a run killed while deleting it (renaming onto it would fail)
     if final.exists():
         final.rename(old)
     tmp.rename(final)  # the checkpoint is either the old one or the new one, never half

@@ -20,11 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd"]
 
 
-def variants(tmp: Path) -> dict[str, Path]:
-    """Every row is a shipped recipe in pipelines/."""
-    return {name: ROOT / "pipelines" / f"{name}.yaml" for name in RECIPES}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, required=True, help="a finished `vlmkd demo` folder")
@@ -40,7 +35,7 @@ def main() -> None:
 
     seeds = range(args.seeds or (1 if args.quick else 3))
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = variants(args.out)
+    recipes = {name: ROOT / "pipelines" / f"{name}.yaml" for name in RECIPES}  # every row a shipped recipe
     data = args.demo / "data"
     results: dict = {"teacher": evaluate_model(args.demo / "teacher", data / "test.json", limit=args.test_limit)}
     results["teacher"]["runs"] = 1

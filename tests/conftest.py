@@ -9,6 +9,12 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("VLMKD_TEST_THREADS", "2")))
 
+
+if not torch.cuda.is_available():
+    # without a GPU, vlmkd's Triton kernels run in Triton's interpreter on CPU tensors; the interpreter
+    # reads the flag when kernels are decorated and again when they run, so it is set for the session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_IDEFICS3 = {
     "arch": "idefics3",
     "image_size": 96,

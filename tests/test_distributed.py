@@ -81,3 +81,32 @@ def _layout(cache):
 
     path = CacheReader(cache, payloads=()).manifest["teacher_path"]
     return layout_of(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_follow_one_rank_and_resume_on_one(qa_cache, shapes_dir, tmp_path):
+    """FSDP2 on 2 ranks (gloo): the same curve as one process; its checkpoint (full weights and
+    name-keyed optimizer state, gathered to rank 0) resumes in one process and finishes the run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "fsdp", "model": STUDENT, "parallel": "fsdp", "eval_every": 2, "eval_samples": 8, "save_every": 1000,
+        "log_every": 1, "stages": [{"name": "kd", "data": "questions", "steps": 6, "lr": 2e-3, "warmup": 1,
+                                    "batch_size": 8, "losses": {"ce": 1.0, "res": 1.0}}]}))
+    common = ["-m", "vlmkd", "train-student", "--recipe", str(recipe), "--cache", str(qa_cache),
+              "--val", str(shapes_dir / "val.json"), "--threads", "1"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          *common, "--out", str(tmp_path / "two"), "--stop-after", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["global_step"] == 3
+    rest = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    a, b = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b, strict=True):  # the DDP test's tolerance (per-rank token means)
+        assert x == pytest.approx(y, rel=2e-3)
+    evals = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e["kind"] == "eval"] == [2, 4, 6]
+    assert (tmp_path / "two" / "model" / "model.safetensors").is_file()

@@ -194,3 +194,17 @@ def test_resample_grid_and_schedules():
     assert aw.update({"res": 2.0, "rel": 1.0}) == {"res": 1.0, "rel": 0.5}
     w = aw.update({"res": 1.0, "rel": 1.0})
     assert w["res"] == pytest.approx(0.5) and w["rel"] == pytest.approx(0.5)
+
+
+def test_logit_kd_gradient_finite_without_tail_bucket():
+    """Regression: with k = V (or a teacher tail of -inf) the student's tail bucket is dropped; its
+    log(0) used to leak a nan into the gradient through the mask."""
+    g = torch.Generator().manual_seed(SEED)
+    z = torch.randn(1, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.log_softmax(torch.randn(1, 4, 11, generator=g, dtype=torch.float64), -1)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for ids, lps, tail in [(t.topk(11, -1)[1], t.topk(11, -1)[0], None),
+                           (t.topk(3, -1)[1], torch.log_softmax(t.topk(3, -1)[0], -1), torch.full((1, 4), float("-inf")))]:
+        for loss in LOSSES:
+            (grad,) = torch.autograd.grad(logit_kd(z, ids, lps, mask, loss=loss, teacher_tail=tail), z)
+            assert torch.isfinite(grad).all(), loss

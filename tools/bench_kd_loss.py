@@ -2,9 +2,10 @@
 time and peak memory of each implementation on the same shapes, side by side in one run.
 
 impls: naive (full float32 logits, log-softmax, gather: the plain PyTorch baseline), chunked
-(vlmkd.kernels.chunked_kd), and on CUDA liger_flce (Liger-Kernel's fused linear cross-entropy, no KD:
-the memory floor) where liger-kernel is installed. Every run draws fresh random inputs and checks the
-chunked loss and gradients against naive before timing.
+(vlmkd.kernels, impl="torch"), and on CUDA: triton (vlmkd.kernels, impl="triton": the fused path the
+trainer picks on a GPU) and liger_flce (Liger-Kernel's fused linear cross-entropy, no KD: the memory
+floor) where liger-kernel is installed. Every run draws fresh random inputs and checks each vlmkd
+path's loss and gradients against naive before timing (column err: max relative difference).
 
 CPU peak memory is each measurement's own process's peak RSS (VmHWM, reset after the inputs are
 made) above its RSS with the inputs in place: what the loss itself allocates, as on CUDA (one subprocess per
@@ -41,7 +42,7 @@ def make(tokens, vocab, hidden, k, device, dtype, seed):
 
 
 def run_impl(impl, h, w, ids, lp, tail):
-    from vlmkd.kernels.chunked_kd import linear_sparse_kd
+    from vlmkd.kernels import linear_sparse_kd
     from vlmkd.losses import logit_kd
 
     if impl == "naive":
@@ -49,7 +50,9 @@ def run_impl(impl, h, w, ids, lp, tail):
         loss = logit_kd(z[None], ids[None], lp[None], torch.ones(1, len(h), dtype=torch.bool, device=h.device),
                         teacher_tail=tail[None])
     elif impl == "chunked":
-        loss = linear_sparse_kd(h, w, ids, lp, tail)
+        loss = linear_sparse_kd(h, w, ids, lp, tail, impl="torch")
+    elif impl == "triton":
+        loss = linear_sparse_kd(h, w, ids, lp, tail, impl="triton")
     elif impl == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -89,7 +92,7 @@ def status_kb(field: str) -> int:
 def child(args) -> None:
     """One implementation on one shape in a fresh process, so max RSS is its own."""
     torch.set_num_threads(args.threads)
-    import vlmkd.kernels.chunked_kd  # noqa: F401  (imports before the baseline)
+    import vlmkd.kernels  # noqa: F401  (imports before the baseline)
     import vlmkd.losses  # noqa: F401
 
     shape = tuple(args.shape)
@@ -107,12 +110,12 @@ def child(args) -> None:
     print(json.dumps({"time_ms": t, "peak_mem_bytes": peak}))
 
 
-def check(shape, device, dtype, seed) -> float:
-    """Max relative difference of chunked vs naive (loss and both gradients) on fresh inputs."""
+def check(impl, shape, device, seed) -> float:
+    """Max relative difference of `impl` vs naive (loss and both gradients) on fresh float32 inputs."""
     small = (min(shape[0], 256), shape[1], shape[2], shape[3])
     h, w, ids, lp, tail = make(*small, device, torch.float32, seed + 1)
     a = run_impl("naive", h, w, ids, lp, tail)
-    b = run_impl("chunked", h, w, ids, lp, tail)
+    b = run_impl(impl, h, w, ids, lp, tail)
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(b, a, strict=True))
 
 
@@ -133,6 +136,7 @@ def main() -> None:
     shapes = QUICK if args.quick else FULL
     impls = ["naive", "chunked"]
     if args.device == "cuda":
+        impls.append("triton")
         try:
             import liger_kernel  # noqa: F401
 
@@ -143,7 +147,7 @@ def main() -> None:
     rows = []
     print(f"{'impl':>10} {'tokens':>6} {'vocab':>7} {'hidden':>6} {'k':>3} {'time ms':>9} {'peak MB':>9} {'err':>8}")
     for shape in shapes:
-        err = check(shape, args.device, torch.float32, args.seed)
+        errs = {i: check(i, shape, args.device, args.seed) for i in impls if i in ("chunked", "triton")}
         for impl in impls:
             if args.device == "cpu":
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--shape", *map(str, shape),
@@ -154,7 +158,7 @@ def main() -> None:
                 t, peak = measure(impl, shape, "cuda", torch.bfloat16, args.repeats, args.seed)
             row = {"impl": impl, "device": dev_name, "tokens": shape[0], "vocab": shape[1], "hidden": shape[2],
                    "k": shape[3], "time_ms": t, "peak_mem_bytes": peak,
-                   "max_rel_err_vs_naive": err if impl == "chunked" else 0.0}
+                   "max_rel_err_vs_naive": errs.get(impl, 0.0)}
             rows.append(row)
             print(f"{impl:>10} {shape[0]:>6} {shape[1]:>7} {shape[2]:>6} {shape[3]:>3} {t:>9.1f} "
                   f"{peak / 2**20:>9.1f} {row['max_rel_err_vs_naive']:>8.1e}")

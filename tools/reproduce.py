@@ -1,11 +1,17 @@
 """The proof: students of one size, one budget, one cache, trained under each recipe; scored.
 
 Uses a finished demo folder (`vlmkd demo --out DEMO`: its data, teacher and cache), trains every
-recipe below for the same steps, data and seed (3 seeds; 1 with --quick), and writes
-DIR/students/RECIPE/seedK/ (HF format in model/), DIR/results.json, DIR/results.png and
-docs/RESULTS.md-style markdown (DIR/RESULTS.md).
+recipe below for the same steps, data and seed (3 seeds), and writes DIR/students/RECIPE/seedK/
+(HF format in model/), DIR/results.json, DIR/results.png (accuracy), DIR/curves.png (learning
+curves) and DIR/RESULTS.md (the table and the cost of each recipe).
 
-    python tools/reproduce.py --demo demo --out repro [--quick]
+    python tools/reproduce.py --demo demo --out repro
+    python tools/reproduce.py --quick --out repro-quick    # CI: builds its own small teacher + cache
+
+--quick without --demo builds DIR/demo first (vlmkd.demo.MINI: 6,000 training questions, no
+captions, pipelines/teacher_quick.yaml: 1,600 teacher steps to ~0.86, a cache through the transformers
+backend), then trains one seed of sft, logit_kd and mdist at the recipes' own budget: about 9 minutes
+on 2 cores (teacher 6, cache 0.4, students 2.2).
 """
 
 from __future__ import annotations
@@ -18,57 +24,112 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd"]
+QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
+TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", type=Path, required=True, help="a finished `vlmkd demo` folder")
+    ap.add_argument("--demo", type=Path, default=None, help="a finished `vlmkd demo` folder")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--quick", action="store_true", help="1 seed and a third of the steps")
+    ap.add_argument("--quick", action="store_true", help="1 seed; sft, logit_kd, mdist; builds a small teacher without --demo")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of the rows")
+    ap.add_argument("--recipes", default=None, help="comma-separated subset of the rows")
     args = ap.parse_args()
+    run(args)
 
+
+def run(args) -> dict:
+    from vlmkd.cache.manifest import read_manifest, totals
+    from vlmkd.demo import MINI, build_teacher_and_cache
     from vlmkd.eval.run import evaluate_model
     from vlmkd.train.student import train_student_run
 
-    seeds = range(args.seeds or (1 if args.quick else 3))
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = {name: ROOT / "pipelines" / f"{name}.yaml" for name in RECIPES}  # every row a shipped recipe
-    data = args.demo / "data"
-    results: dict = {"teacher": evaluate_model(args.demo / "teacher", data / "test.json", limit=args.test_limit)}
+    if args.demo is None:
+        if not args.quick:
+            raise SystemExit("--demo DIR is needed (a finished `vlmkd demo`); only --quick builds its own")
+        data, teacher, cache = build_teacher_and_cache(args.out / "demo", MINI)
+        args.demo = args.out / "demo"
+    else:
+        data, teacher, cache = args.demo / "data", args.demo / "teacher", args.demo / "cache"
+    seeds = range(args.seeds or (1 if args.quick else 3))
+    steps = MINI["student_steps"] if args.quick else None  # the recipes' own steps (600)
+    wanted = args.recipes.split(",") if args.recipes else (QUICK_RECIPES if args.quick else RECIPES)
+    unknown = sorted(set(wanted) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; rows are {RECIPES}")
+    results: dict = {"teacher": evaluate_model(teacher, data / "test.json", limit=args.test_limit)}
     results["teacher"]["runs"] = 1
-    chosen = [r for r in RECIPES if r in args.recipes.split(",")]
-    for name in chosen:
+    for name in [r for r in RECIPES if r in wanted]:
         rows = []
         for seed in seeds:
-            run = args.out / "students" / name / f"seed{seed}"
+            run_dir = args.out / "students" / name / f"seed{seed}"
             t = time.time()
-            res = train_student_run(recipes[name], args.demo / "cache", run, val=data / "val.json",
-                                    max_steps=200 if args.quick else None, seed=seed)
+            res = train_student_run(ROOT / "pipelines" / f"{name}.yaml", cache, run_dir, val=data / "val.json",
+                                    max_steps=steps, seed=seed)
             secs = time.time() - t
             sc = evaluate_model(res.model_dir, data / "test.json", limit=args.test_limit)
-            metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             evals = [m for m in metrics if m["kind"] == "eval"]
             sc["val_nll"] = evals[-1]["val_nll"] if evals else None
             sc["train_seconds"] = secs
             sc["steps"] = res.steps
-            sc["step_seconds"] = secs / max(res.steps, 1)
+            # the median logged step (data + forward + backward + update), not evaluation or saving
+            step_times = [m["step_seconds"] for m in metrics if m["kind"] == "train" and "step_seconds" in m]
+            sc["step_seconds"] = statistics.median(step_times[1:] or step_times) if step_times else None
             rows.append(sc)
         results[name] = aggregate(rows)
+    manifest = read_manifest(cache)
+    cost = {"cache_seconds": totals(manifest)["seconds"] or None, "cache_samples": totals(manifest)["samples"],
+            "cache_backend": manifest["extraction"].get("backend"),
+            "teacher_forward_seconds": teacher_forward_seconds(teacher, data / "val.json"),
+            "batch_size": TEACHER_BATCH}
     previous = args.out / "results.json"
     if previous.is_file():  # rows of recipes not re-run this time are kept
-        results = {**json.loads(previous.read_text()), **results}
+        old = json.loads(previous.read_text())
+        results = {**old, **results}
+        cost = {**old.get("cost", {}), **{k: v for k, v in cost.items() if v is not None}}
+    results["cost"] = cost
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "RESULTS.md").write_text(markdown(results, args))
     chart(results, args.out / "results.png")
+    curves(args.out, args.out / "curves.png")
     print((args.out / "RESULTS.md").read_text())
+    return results
+
+
+def teacher_forward_seconds(teacher: Path, manifest: Path, reps: int = 10) -> float:
+    """What online KD pays on top of every student step: the teacher's forward pass (no gradient, with
+    hidden states, as MDist/RDist and Align-KD need) on one batch of the recipes' size; median of `reps`."""
+    import torch
+
+    from vlmkd.data.dataset import collate, model_inputs
+    from vlmkd.data.rejects import RejectLog
+    from vlmkd.models.build import data_tokenizer, load_model
+    from vlmkd.train.prepare import load_items
+
+    model, hf_tok = load_model(teacher)
+    model.eval()
+    tok, layout = data_tokenizer(model, hf_tok)
+    items = load_items(manifest, tok, layout, RejectLog(None), limit=TEACHER_BATCH, show=False)
+    batch = model_inputs(collate(items, layout, tok.pad_id))
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            model(**batch, output_hidden_states=True)
+            if i >= 2:  # two warm-up passes
+                times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def aggregate(rows: list[dict]) -> dict:
     def ms(vals):
         vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
         return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 
     types = sorted({t for r in rows for t in r["per_type"]})
@@ -80,21 +141,48 @@ def aggregate(rows: list[dict]) -> dict:
 
 def markdown(results: dict, args) -> str:
     types = sorted(results["teacher"]["per_type"])
-    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL | s / step |\n"
-    head += "| --- " * (len(types) + 5) + "|\n"
+    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL |\n"
+    head += "| --- " * (len(types) + 4) + "|\n"
     lines = []
     t = results["teacher"]
     lines.append(f"| teacher | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
-                 + " | | |")
-    for name in [n for n in RECIPES if n in results]:
+                 + " | |")
+    rows = [n for n in RECIPES if n in results]
+    for name in rows:
         r = results[name]
-        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
+        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
         lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
-                     + f" | {cell(r['val_nll'])} | {r['step_seconds']['mean']:.3f} |")
+                     + f" | {cell(r['val_nll'])} |")
+    quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"
-            f"Command: `python tools/reproduce.py --demo {args.demo} --out {args.out}{' --quick' if args.quick else ''}`\n\n"
-            + head + "\n".join(lines) + "\n")
+            f"Command: `python tools/reproduce.py --demo {args.demo} --out {args.out}{quick}`\n\n"
+            + head + "\n".join(lines) + "\n\n" + cost_markdown(results, rows))
+
+
+def cost_markdown(results: dict, rows: list[str]) -> str:
+    c = results.get("cost", {})
+    out = ["## Cost", ""]
+    if c.get("cache_seconds"):
+        out.append(f"The cache: {c['cache_samples']:,} samples in {c['cache_seconds']:.0f} s "
+                   f"({c['cache_backend']} backend), once for every row.")
+    sft = results.get("sft", {}).get("step_seconds")
+    fwd = c.get("teacher_forward_seconds")
+    out += ["", "| recipe | s / step from the cache | × SFT step | online KD step (+ teacher forward) | online ÷ cached |",
+            "| --- | --- | --- | --- | --- |"]
+    for name in rows:
+        s = results[name].get("step_seconds")
+        if not s:
+            continue
+        ratio = f"{s['mean'] / sft['mean']:.2f}" if sft else ""
+        online = f"{s['mean'] + fwd:.3f}" if fwd and name != "sft" else ""
+        speed = f"{(s['mean'] + fwd) / s['mean']:.2f}" if fwd and name != "sft" else ""
+        out.append(f"| {name} | {s['mean']:.3f} | {ratio} | {online} | {speed} |")
+    if fwd:
+        out += ["", f"Teacher forward (batch {c['batch_size']}, with hidden states, no gradient): {fwd:.3f} s: what "
+                "the seed papers' online KD adds to every step. Step times are medians of the logged steps of "
+                "the runs above (data reading and decoding included; evaluation and saving excluded)."]
+    return "\n".join(out) + "\n"
 
 
 def chart(results: dict, path: Path) -> None:
@@ -114,6 +202,51 @@ def chart(results: dict, path: Path) -> None:
     ax.set_title("shapes: students from one teacher cache")
     for i, m in enumerate(means):
         ax.text(i, m + 0.02, f"{m:.2f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves(out: Path, path: Path) -> None:
+    """Learning curves of every recipe (mean over its seeds): the response cross-entropy on the
+    training batches (smoothed) and the held-out NLL and accuracy at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, name in enumerate(RECIPES):
+        runs = sorted((out / "students" / name).glob("seed*/metrics.jsonl"))
+        if not runs:
+            continue
+        series: dict[str, dict[int, list[float]]] = {"loss_ce": {}, "val_nll": {}, "val_accuracy": {}}
+        for f in runs:
+            for m in map(json.loads, f.read_text().splitlines()):
+                for key in series:
+                    if key in m:
+                        series[key].setdefault(m["step"], []).append(m[key])
+        color = f"C{i}"
+        for ax, key in zip(axes, series, strict=True):
+            pts = sorted(series[key].items())
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts])
+            y = np.array([np.mean(p[1]) for p in pts])
+            if key == "loss_ce" and len(y) > 5:
+                y = np.convolve(y, np.ones(5) / 5, mode="valid")
+                x = x[2 : 2 + len(y)]
+            ax.plot(x, y, color=color, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+                    marker="o" if key != "loss_ce" else None)
+    titles = ["training response CE (smoothed)", "held-out NLL per answer token", "held-out accuracy"]
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -198,7 +198,7 @@ def cache_inspect(cache: Path = typer.Argument(...), as_json: bool = typer.Optio
     table.add_row("shards (tar)", f"{info['bytes']:,}", f"{info['bytes_per_token']['shard_total']:.1f}")
     console.print(table)
     console.print(f"{info['samples']} samples, {info['scored_tokens']} scored tokens, {info['shards']} shards, "
-                  f"{info['rejects']} rejects, state {info['state']}")
+                  f"{info['rejects']} rejects, state {info['state']}, built in {info['build_seconds']:.0f} s")
     console.print(f"extraction: {info['extraction']}")
 
 
@@ -235,13 +235,18 @@ def train_student(
     max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
     seed: int | None = typer.Option(None),
     no_verify: bool = typer.Option(False, help="skip shard checksums (faster start on trusted storage)"),
+    stop_after: int | None = typer.Option(None, help="stop after N optimizer steps with a checkpoint (a job "
+                                                     "slot shorter than the run); a re-run resumes"),
     threads: int | None = typer.Option(None),
 ):
     """Train a student from a teacher cache with the recipe's KD losses and stages; it never loads the
-    teacher. A re-run resumes from the last checkpoint."""
+    teacher. A re-run resumes from the last checkpoint, under any world size."""
     from vlmkd.train.student import train_student_run
 
     _threads(threads)
-    res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify)
+    res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify, stop_after=stop_after)
+    if stop_after and res.model_dir.name == "checkpoint":
+        console.print(f"stopped after {res.steps} steps; checkpoint in {res.model_dir}; re-run to resume")
+        return
     console.print(f"student written to {res.model_dir} ({res.steps} steps, {res.seconds:.0f} s); "
                   f"metrics in {out / 'metrics.csv'}, curves in {out / 'curves.png'}")

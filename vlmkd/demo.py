@@ -21,14 +21,18 @@ from vlmkd.train.teacher import train_teacher_run
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 STUDENTS = ("sft", "mdist")
 FULL = {"sizes": {"train": 16000, "val": 500, "test": 1000}, "max_steps": None, "student_steps": None,
-        "test_limit": None, "backend": "auto"}
+        "test_limit": None, "backend": "auto", "teacher": "teacher.yaml", "captions": True}
 # the plumbing check: tiny sizes, and the transformers backend (no vLLM engine start-up)
 QUICK = {"sizes": {"train": 300, "val": 100, "test": 100}, "max_steps": 30, "student_steps": 10,
-         "test_limit": 100, "backend": "hf"}
+         "test_limit": 100, "backend": "hf", "teacher": "teacher.yaml", "captions": True}
+# `tools/reproduce.py --quick` (CI): questions only, a shorter curriculum (pipelines/teacher_quick.yaml)
+# and a cache through the transformers backend: about 10 minutes on 2 cores
+MINI = {"sizes": {"train": 6000, "val": 300, "test": 500}, "max_steps": None, "student_steps": None,
+        "test_limit": None, "backend": "hf", "teacher": "teacher_quick.yaml", "captions": False}
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
-    cfg = QUICK if quick else FULL
+def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
+    """OUT/data, OUT/teacher and OUT/cache for a preset; each step skipped when already complete."""
     out = Path(out)
     data = out / "data"
     if not (data / "test.json").is_file():
@@ -37,17 +41,24 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
             # every training image carries one question, every second one a caption too (for the
             # captioning stages of the teacher and of LLaVA-KD's DPT)
             write_dataset(data, cfg["sizes"], seed=0, questions_per_image={"train": 1},
-                          caption_every={"train": 2}, balanced={"train"},
+                          caption_every={"train": 2} if cfg["captions"] else {}, balanced={"train"},
                           progress=lambda s, n: p.update(tasks[s], advance=n))
     console.print(f"data: {data}")
     teacher = out / "teacher"
     if not (teacher / "config.json").is_file():
-        train_teacher_run(data, teacher, PIPELINES / "teacher.yaml", max_steps=cfg["max_steps"])
+        train_teacher_run(data, teacher, PIPELINES / cfg["teacher"], max_steps=cfg["max_steps"])
     console.print(f"teacher: {teacher}")
     cache = out / "cache"
     run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml"),
                            backend=cfg["backend"]))
     console.print(f"cache: {cache}")
+    return data, teacher, cache
+
+
+def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
+    cfg = QUICK if quick else FULL
+    out = Path(out)
+    data, teacher, cache = build_teacher_and_cache(out, cfg)
     rows = {"teacher": teacher}
     for name in STUDENTS:
         run = out / "students" / name

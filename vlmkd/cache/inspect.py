@@ -24,6 +24,7 @@ def summarize(manifest: dict) -> dict:
         "rejects": t["rejects"],
         "shards": t["shards"],
         "bytes": t["bytes"],
+        "build_seconds": t["seconds"],
         "payload_bytes": per_payload,
         "bytes_per_token": {k: v / scored for k, v in per_payload.items()} | {"shard_total": t["bytes"] / scored},
     }

@@ -115,4 +115,6 @@ def new_manifest(fp: dict, data_path: str, n_samples: int, split: dict) -> dict:
 def totals(m: dict) -> dict:
     sh = m["shards"]
     return {k: sum(s[k] for s in sh) for k in ("samples", "tokens", "scored_tokens", "bytes")} | {
-        "shards": len(sh), "rejects": sum(len(s["rejects"]) for s in sh)}
+        "shards": len(sh), "rejects": sum(len(s["rejects"]) for s in sh),
+        # job wall time summed over its runs and parts (engine start-ups + extraction); 0 when unrecorded
+        "seconds": m.get("startup_seconds", 0.0) + sum(s.get("seconds", 0.0) for s in sh)}

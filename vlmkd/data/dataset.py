@@ -81,7 +81,12 @@ def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: boo
     return batch
 
 
-def model_inputs(batch: dict) -> dict:
-    """The keys of a batch that the HF model's forward takes."""
+def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
+    """The keys of a batch that the HF model's forward takes (moved to `device` when given)."""
     keys = ("input_ids", "attention_mask", "pixel_values")
-    return {k: batch[k] for k in keys if k in batch}
+    return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a batch on `device` (a no-op on the CPU)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

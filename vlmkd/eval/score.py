@@ -42,12 +42,13 @@ def greedy_answers(
     for i, it in enumerate(items):
         by_len[it.enc.prompt_len].append(i)
     pad_id = tokenizer.pad_id
+    device = next(model.parameters()).device
     for _, idxs in sorted(by_len.items()):
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
             batch = collate([items[i] for i in chunk], layout, pad_id, prompt_only=True)
             gen = model.generate(
-                **model_inputs(batch),
+                **model_inputs(batch, device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eou_id,

@@ -2,13 +2,15 @@
 
 Naive KD materialises the student's [N, V] logits, their log-softmax and their gradient. Per token the
 loss needs only the log-sum-exp over V and the log-probs at the teacher's k ids, so the rows are
-processed in chunks: logits of one chunk (float32), the loss on its k + 1 buckets (the same
-`bucket_logprobs` / `divergence` as `vlmkd.losses.logit_kd`), and the gradients for the hidden states
-and the LM-head weight, computed in the forward pass and scaled in the backward (the Liger-Kernel
-pattern). Peak memory is one chunk's logits and their gradient instead of all of them.
+processed in chunks: logits of one chunk, the loss on its k + 1 buckets (the formulas of
+`vlmkd.losses.logit`), and the gradients for the hidden states and the LM-head weight, computed in the
+forward pass and scaled in the backward (the Liger-Kernel pattern). Peak memory is one chunk's logits
+(overwritten by their gradient) instead of all of them.
 
-This is the portable path (CPU, or GPUs without Triton). Its interface is the one the fused GPU
-kernel keeps.
+Two ways to turn a chunk's logits into (loss, dL/dlogits), one loop around them:
+- "torch": autograd over the chunk's float32 log-softmax (CPU, or GPUs without Triton);
+- "triton": `vlmkd.kernels.triton_kd`, two streaming passes over the logits in place, in the matmul's
+  dtype (bf16 on GPUs).
 """
 
 from __future__ import annotations
@@ -17,33 +19,52 @@ import torch
 
 from vlmkd.losses.logit import bucket_logprobs, divergence
 
-
-def _chunk_rows(V: int, budget_elems: int = 1 << 21) -> int:
-    return max(1, budget_elems // max(V, 1))
+IMPLS = ("torch", "triton")
 
 
-class ChunkedLinearSparseKD(torch.autograd.Function):
+def default_chunk(N: int, V: int, D: int, impl: str) -> int:
+    """Rows per chunk. torch: ~2M logits per chunk (8 MB of float32). triton: as many rows as keep
+    the chunk's logits about the size of the hidden states (Liger-Kernel's rule, rounded to a power
+    of two), at least 256 rows so the matmuls stay large."""
+    if impl == "torch":
+        return max(1, (1 << 21) // max(V, 1))
+    per = -(-V // max(D, 1))
+    rows = 1 << max(0, (-(-N // per) - 1).bit_length())
+    return max(1, min(N, max(rows, 256)))
+
+
+def _torch_chunk(z, ids, lp, tail, loss, temperature, beta, alpha, scale):
+    acc = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(acc).requires_grad_(True)
+    with torch.enable_grad():
+        lpb, lqb, _ = bucket_logprobs(z, ids, lp, tail, temperature)
+        part = divergence(lpb, lqb, loss, beta, alpha).sum() * scale
+    (gz,) = torch.autograd.grad(part, z)
+    return part.detach(), gz
+
+
+class LinearSparseKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ids, logprobs, tail, loss, temperature, beta, alpha, chunk):
+    def forward(ctx, hidden, weight, ids, logprobs, tail, loss, temperature, beta, alpha, chunk, impl, grad_w_dtype):
+        if impl == "triton":
+            from vlmkd.kernels.triton_kd import chunk_loss_grad as step
+        else:
+            step = _torch_chunk
         N = hidden.shape[0]
-        acc = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights accumulate in fp32
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=grad_w_dtype, device=weight.device)
+        total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        scale = temperature**2 / N
         for s in range(0, N, chunk):
             h = hidden[s : s + chunk]
-            # the chunk's logits, and the loss's gradient with respect to them only
-            z = (h @ weight.T).to(acc).requires_grad_(True)
-            with torch.enable_grad():
-                lp, lq, _ = bucket_logprobs(z, ids[s : s + chunk], logprobs[s : s + chunk], tail[s : s + chunk],
-                                            temperature)
-                part = divergence(lp, lq, loss, beta, alpha).sum() * (temperature**2 / N)
-            (gz,) = torch.autograd.grad(part, z)
-            del z, lp, lq
+            z = h @ weight.T  # the chunk's logits: the only [rows x V] buffer, reused for their gradient
+            part, gz = step(z, ids[s : s + chunk], logprobs[s : s + chunk], tail[s : s + chunk], loss, temperature,
+                            beta, alpha, scale)
+            del z
             gz = gz.to(weight.dtype)
             grad_h[s : s + chunk] = gz @ weight
-            grad_w.addmm_(gz.T.to(acc), h.to(acc))
-            total += part.detach()
+            grad_w.addmm_(gz.T.to(grad_w_dtype), h.to(grad_w_dtype))
+            total += part
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = weight.dtype
         return total
@@ -54,19 +75,27 @@ class ChunkedLinearSparseKD(torch.autograd.Function):
         if not torch.equal(grad_out, torch.ones_like(grad_out)):  # in place: no second weight-sized copy
             gh.mul_(grad_out)
             gw.mul_(grad_out)
-        return gh, gw.to(ctx.w_dtype), None, None, None, None, None, None, None, None
+        return gh, gw.to(ctx.w_dtype), *([None] * 10)
 
 
 def linear_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
                      teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, loss: str = "fkl",
                      temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                     chunk: int | None = None) -> torch.Tensor:
-    """Mean over rows of the sparse-target divergence of softmax(hidden @ weight^T / tau).
+                     chunk: int | None = None, impl: str = "torch",
+                     grad_w_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean over rows of the sparse-target divergence of softmax(hidden @ weight^T / tau), times tau^2.
 
     hidden [N, D] (the student's final hidden states at the scored rows only); weight [V, D] (the LM
     head); teacher_ids [N, k]; teacher_logprobs [N, k]; teacher_tail [N]. Equals
     `logit_kd(hidden @ weight.T, ...)` with every row masked in, token reduction.
+    `grad_w_dtype`: the LM-head gradient's accumulator across chunks: float32 by default for "torch";
+    the weight's own dtype for "triton" (as Liger-Kernel does: a float32 copy of a 152k x 2,048 head
+    alone is 1.2 GB, more than the fused path's whole memory goal), float32 on request.
     """
-    chunk = chunk or _chunk_rows(weight.shape[0])
-    return ChunkedLinearSparseKD.apply(hidden, weight, teacher_ids, teacher_logprobs, teacher_tail, loss,
-                                       temperature, beta, alpha, chunk)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
+    chunk = chunk or default_chunk(hidden.shape[0], weight.shape[0], weight.shape[1], impl)
+    if grad_w_dtype is None:
+        grad_w_dtype = weight.dtype if impl == "triton" else torch.promote_types(weight.dtype, torch.float32)
+    return LinearSparseKD.apply(hidden, weight, teacher_ids, teacher_logprobs, teacher_tail, loss,
+                                temperature, beta, alpha, chunk, impl, grad_w_dtype)

@@ -48,15 +48,32 @@ def bucket_logprobs(
     the tail bucket is dropped from both sides.
     """
     z = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
-    lq_all = torch.log_softmax(z / temperature, dim=-1)
-    lq_top = lq_all.gather(-1, teacher_ids)
+    lse = torch.logsumexp(z / temperature, dim=-1)
+    return bucket_logprobs_from_lse(z.gather(-1, teacher_ids), lse, teacher_logprobs, teacher_tail, temperature,
+                                    full_vocab=teacher_ids.shape[-1] >= student_logits.shape[-1])
+
+
+def bucket_logprobs_from_lse(
+    z_ids: torch.Tensor, lse: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor | None,
+    temperature: float, full_vocab: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bucket_logprobs` from what the student's side needs per row: its logits at the teacher's ids
+    z_ids [..., k] (before the temperature) and lse [...] = logsumexp(z / tau) over the vocabulary.
+    The fused kernels compute only these two, never the row's full log-softmax."""
+    lq_top = z_ids / temperature - lse.unsqueeze(-1)
     lp_top = teacher_logprobs.to(lq_top.dtype)
     if teacher_tail is None:
         teacher_tail = log1mexp(torch.logsumexp(lp_top, dim=-1))
     tail = teacher_tail.to(lq_top.dtype)
     # no tail bucket where the teacher's top-k holds all its mass, or the k ids are the whole vocabulary
-    valid = torch.isfinite(tail) & (teacher_ids.shape[-1] < student_logits.shape[-1])
-    lq_tail = log1mexp(torch.logsumexp(lq_top, dim=-1))
+    valid = torch.isfinite(tail) & (not full_vocab)
+    # the student's tail, log(1 - sum q_topk), only where it is a bucket and not numerically empty: the
+    # log of 0 elsewhere would turn the masked-out gradient into 0 * inf = nan
+    top = torch.logsumexp(lq_top, dim=-1)
+    ok = valid & (top < 0)
+    floor = math.log(torch.finfo(lq_top.dtype).tiny)
+    lq_tail = torch.where(ok, log1mexp(torch.where(ok, top, torch.full_like(top, -1.0))),
+                          torch.full_like(top, floor))
     lp = torch.cat([lp_top, tail.unsqueeze(-1)], dim=-1)
     lq = torch.cat([lq_top, lq_tail.unsqueeze(-1)], dim=-1)
     neg_inf = torch.finfo(lp.dtype).min

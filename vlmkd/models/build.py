@@ -155,11 +155,12 @@ def layout_of(config, tok) -> Layout:
     raise ModelError(f"model type {mt!r} is not supported yet (idefics3, llava)")
 
 
-def save_model(model, tok, out: str | Path) -> Path:
-    """Weights (safetensors), config, tokenizer and the processor config vLLM/transformers need."""
+def save_model(model, tok, out: str | Path, state_dict: dict | None = None) -> Path:
+    """Weights (safetensors), config, tokenizer and the processor config vLLM/transformers need.
+    `state_dict`: the full weights when the model itself is sharded (FSDP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(str(out))
     _save_processor(model.config, tok, out)
     return out

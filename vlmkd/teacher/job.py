@@ -126,6 +126,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     if manifest is not None and manifest["state"] == "complete":
         console.print(f"{mpath} is complete: nothing to do")
         return manifest
+    t_start = time.time()
     teacher = teacher or make_backend(job, backend)
     if manifest is None:
         split = {"num_shards": job.num_parts, "shard_index": job.part_index, "start": start, "end": end}
@@ -136,14 +137,16 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     cursor = manifest["shards"][-1]["end"] if manifest["shards"] else start
     prefix = "shard-" if job.num_parts == 1 else f"part{job.part_index:03d}-"
     bs = job.settings.batch_size
-    t0 = time.time()
+    # wall time is recorded so the cost of a cache is known later (docs/FORMAT.md: seconds)
+    manifest["startup_seconds"] = manifest.get("startup_seconds", 0.0) + time.time() - t_start
+    t0 = t_shard = time.time()
     pending: list[tuple[str, dict[str, bytes]]] = []
     pending_rejects: list[dict] = []
     shard_start, pending_bytes, new_shards = cursor, 0, 0
     stats = {"tokens": 0, "scored": 0}
 
     def close_shard(upto: int) -> None:
-        nonlocal pending, pending_rejects, shard_start, pending_bytes, new_shards
+        nonlocal pending, pending_rejects, shard_start, pending_bytes, new_shards, t_shard
         name = f"{prefix}{len(manifest['shards']):06d}.tar"
         nbytes, digest, per_payload = write_shard(out / name, pending)
         metas = [json.loads(m["meta"]) for _, m in pending]
@@ -152,11 +155,12 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
             "tokens": sum(m["tokens"] for m in metas), "scored_tokens": sum(m["scored"] for m in metas),
             "visual_tokens": sum(m["visual_tokens"] for m in metas),
             "bytes": nbytes, "sha256": digest, "payload_bytes": per_payload, "rejects": pending_rejects,
-            "ids": [m["id"] for m in metas],
+            "ids": [m["id"] for m in metas], "seconds": time.time() - t_shard,
         })
         write_manifest(mpath, manifest)
         pending, pending_rejects, shard_start, pending_bytes = [], [], upto, 0
         new_shards += 1
+        t_shard = time.time()
 
     with bar() as p:
         task = p.add_task("teacher", total=end - start, completed=cursor - start, unit="samples")
@@ -264,7 +268,8 @@ def merge_parts(out: Path) -> dict:
             if dup:
                 raise CacheError(f"{out}: sample id(s) {sorted(dup)[:5]} appear in two parts")
             ids.update(s["ids"])
-    merged = {**ms[0], "shards": [s for m in ms for s in m["shards"]], "state": "complete"}
+    merged = {**ms[0], "shards": [s for m in ms for s in m["shards"]], "state": "complete",
+              "startup_seconds": sum(m.get("startup_seconds", 0.0) for m in ms)}
     merged["data"] = {**ms[0]["data"], "split": {"num_shards": 1, "shard_index": 0, "start": 0,
                                                  "end": ms[-1]["data"]["split"]["end"], "merged_parts": n}}
     write_manifest(out / MANIFEST, merged)

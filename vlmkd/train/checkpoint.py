@@ -18,13 +18,16 @@ from vlmkd.models.build import save_model
 CKPT = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, model, tok, optimizer, state: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(run_dir: Path, model, tok, optimizer, state: dict, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """`model_state` / `optimizer_state`: the gathered full states when the model is FSDP-sharded
+    (optimizer state keyed by parameter name then), so any world size can resume."""
     final = run_dir / CKPT
     tmp = run_dir / f"{CKPT}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tok, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_model(model, tok, tmp, state_dict=model_state)
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     if extra:
         torch.save(extra, tmp / "objective.pt")  # learned loss-side modules (e.g. width projections)
     state = {**state, "torch_rng": torch.get_rng_state().tolist()}

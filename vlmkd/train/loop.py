@@ -17,14 +17,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmkd.data.dataset import Item, collate, model_inputs
+from vlmkd.data.dataset import Item, collate, model_inputs, to_device
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import Layout, parts_of, save_model
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
-from vlmkd.train.dist import average_gradients, average_logs, barrier, is_main
+from vlmkd.train.dist import (
+    average_gradients,
+    average_logs,
+    barrier,
+    dist_info,
+    full_model_state,
+    full_optimizer_state,
+    is_main,
+    load_full_optimizer_state,
+    shard_model,
+    train_device,
+)
 from vlmkd.train.metrics import MetricsLog, plot_run, write_csv
 from vlmkd.train.recipe import Recipe, Stage
 from vlmkd.train.schedule import lr_factor
@@ -116,7 +127,7 @@ def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, batch
     nll, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
-            b = collate(items[s : s + batch_size], layout, tok.pad_id)
+            b = to_device(collate(items[s : s + batch_size], layout, tok.pad_id), next(model.parameters()).device)
             k = int(b["labels_mask"][:, 1:].sum())
             nll += float(response_ce(model(**model_inputs(b)).logits, b["input_ids"], b["labels_mask"])) * k
             n += k
@@ -150,6 +161,9 @@ def train(
     after that many optimizer steps (to test resume). `source.batches(stage_index, stage, micro_step)`
     yields the training batches from any position, which is what makes resume exact."""
     objective = objective if objective is not None else Objective()
+    device = train_device()  # this rank's GPU when there is one; the fused KD kernels follow the model there
+    model.to(device)
+    objective.to(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -158,11 +172,17 @@ def train(
     state = None
     if ckpt is not None:
         state = load_state(ckpt)
-        model.load_state_dict(_load_weights(ckpt), strict=True)
+        model.load_state_dict(_load_weights(ckpt), strict=True)  # full weights, before any sharding
         if (ckpt / "objective.pt").is_file():
-            objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True))
+            objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True, map_location=device))
         start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
-    main = is_main()  # rank 0 writes metrics, evaluations, checkpoints and models
+    fsdp = recipe.parallel == "fsdp" and dist_info()[1] > 1
+    if fsdp:
+        shard_model(model)
+    # the model and the loss-side modules, for optimizer state keyed by parameter name (any world size)
+    holder = torch.nn.ModuleDict({"model": model, "objective": objective})
+    main = is_main()  # rank 0 writes metrics, checkpoints and models
+    evaluates = main or fsdp  # a sharded model's forward needs every rank
     barrier()  # every rank has read the checkpoint before rank 0 may replace it
     if main:
         metrics = MetricsLog(run_dir, resume_step=global_step)
@@ -180,19 +200,21 @@ def train(
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
         first = start_step if si == start_stage else 0
         if state is not None and si == start_stage and first > 0:
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            load_full_optimizer_state(holder, opt, torch.load(ckpt / "optimizer.pt", weights_only=True,
+                                                              map_location="cpu"))
         val = list(val_items[: recipe.eval_samples])
         task = (progress.add_task(f"{recipe.name}:{stage.name}", total=total, completed=first, unit="steps")
                 if progress else None)
         stream = source.batches(si, stage, first * stage.grad_accum)
         for step in range(first, total):
+            t_step = time.perf_counter()  # data + forward + backward + update: what a step costs
             lr = stage.lr * lr_factor(step, total, stage.warmup, stage.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             logs: dict[str, float] = {}
             for _ in range(stage.grad_accum):
-                batch = next(stream)
-                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                batch = to_device(next(stream), device)
+                ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with ctx:
                     terms = objective(stage, model, batch, step)
                 loss = sum(stage.losses.get(k, 1.0) * v for k, v in terms.items())
@@ -205,30 +227,39 @@ def train(
             gnorm = torch.nn.utils.clip_grad_norm_(params, stage.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            step_seconds = time.perf_counter() - t_step
             global_step += 1
             done_steps += 1
             if main and (step % recipe.log_every == 0 or step == total - 1):
                 metrics.write({"kind": "train", "step": global_step, "stage": stage.name, "lr": lr,
-                               "grad_norm": float(gnorm), "time": time.time() - t0, **logs})
+                               "grad_norm": float(gnorm), "time": time.time() - t0, "step_seconds": step_seconds,
+                               **logs})
             if progress:
                 progress.update(task, advance=1)
             last = step == total - 1
-            if main and ((step + 1) % recipe.eval_every == 0 or last):
+            if evaluates and ((step + 1) % recipe.eval_every == 0 or last):
                 last_eval = evaluate(model, val, layout, tok)
-                metrics.write({"kind": "eval", "step": global_step, "stage": stage.name, **last_eval})
-            if main and ((step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after)):
+                if main:
+                    metrics.write({"kind": "eval", "step": global_step, "stage": stage.name, **last_eval})
+            if (step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after):
                 nxt = (si, step + 1) if not last else (si + 1, 0)
-                save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
-                                                              "global_step": global_step,
-                                                              "stage": stage.name}, objective.state_dict())
+                # gathered on every rank (collectives under FSDP), written by rank 0
+                weights = full_model_state(model) if fsdp else None
+                opt_state = full_optimizer_state(holder, opt)
+                if main:
+                    save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
+                                                                  "global_step": global_step, "stage": stage.name},
+                                    objective.state_dict(), model_state=weights, optimizer_state=opt_state)
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
+        weights = full_model_state(model) if fsdp else None
         if main:
-            save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}")
+            save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}", state_dict=weights)
         state = None
     model_dir = Path(model_out or run_dir / "model")
+    weights = full_model_state(model) if fsdp else None
     if main:
-        save_model(model, hf_tok, model_dir)
+        save_model(model, hf_tok, model_dir, state_dict=weights)
         write_csv(run_dir)
         plot_run(run_dir)
     barrier()

@@ -10,7 +10,10 @@ Terms (keys of a stage's `losses:`, each with its weight):
 - feat:  feature alignment at a hidden point through a learned linear map
 Options (`loss_args:`): logit_loss (fkl|rkl|jsd|skl|srkl|tvd), temperature (a number, or
 {start, end} for a linear schedule over the stage), beta, alpha, attn_kind (mse|kl), attn_layers,
-feat_kind (mse|cosine), feat_point (a cached hidden point name).
+feat_kind (mse|cosine), feat_point (a cached hidden point name), logit_impl (auto|full|torch|triton:
+how ce/res/vis meet the LM head; auto = the fused Triton kernels on a CUDA device, the model's full
+logits elsewhere; torch/triton take only the scored rows' hidden states through
+`vlmkd.kernels.linear_sparse_kd`, never a [tokens x vocabulary] tensor).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.dataset import model_inputs
 from vlmkd.errors import RecipeError
+from vlmkd.kernels import IMPLS, best_impl, linear_sparse_kd
 from vlmkd.losses import (
     attention_kd,
     feature_kd,
@@ -31,10 +35,12 @@ from vlmkd.losses import (
 )
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.probe import probe, visual_rows
+from vlmkd.train.dist import is_sharded
 from vlmkd.train.loop import Objective
 from vlmkd.train.recipe import Stage
 
 TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat")
+LOGIT_IMPLS = ("auto", "full", *IMPLS)
 
 
 class KDObjective(Objective):
@@ -54,7 +60,8 @@ class KDObjective(Objective):
             raise RecipeError("loss 'vis' needs a cache built with --score-visual (teacher rows on visual tokens)")
         if terms & {"rel", "align"} and ext["hidden_dim"]:
             raise RecipeError("'rel' and 'align' need full-width teacher hidden states (cache without hidden_dim)")
-        self.gram_t = torch.from_numpy(reader.gram()) if "rel" in terms else None
+        # a buffer, so that it follows the objective to the training device (not saved: the cache has it)
+        self.register_buffer("gram_t", torch.from_numpy(reader.gram()) if "rel" in terms else None, persistent=False)
         if "rel" in terms and "final" not in self.points:
             raise RecipeError("loss 'rel' needs the cache's hidden point 'final'")
         if "align" in terms and "projector" not in self.points:
@@ -84,20 +91,44 @@ class KDObjective(Objective):
             hidden.add("projector")
         if "feat" in w:
             hidden.add(a.get("feat_point", "final"))
+        impl = a.get("logit_impl", "auto")
+        if impl not in LOGIT_IMPLS:
+            raise RecipeError(f"loss_args.logit_impl {impl!r}: choose one of {LOGIT_IMPLS}")
+        if impl == "auto":
+            impl = "triton" if best_impl(next(model.parameters()).device) == "triton" else "full"
+            if is_sharded(model):
+                impl = "full"  # FSDP gathers the LM head only inside the model's own forward
+        elif impl != "full" and is_sharded(model):
+            raise RecipeError(f"logit_impl {impl!r} needs the whole LM head on each rank: use parallel: ddp, "
+                              "or logit_impl: full under fsdp")
         with probe(model, batch["attention_mask"], attn_layers, sorted(hidden)) as pr:
-            logits = model(**model_inputs(batch)).logits
+            if impl == "full":
+                logits = model(**model_inputs(batch)).logits
+            else:  # the final hidden states; the LM head is applied inside the fused loss, row chunk by chunk
+                states = model.model(**model_inputs(batch)).last_hidden_state
         terms: dict[str, torch.Tensor] = {}
         tau = self._temperature(stage, step)
         kd_args = dict(loss=a.get("logit_loss", "fkl"), temperature=tau, beta=a.get("beta", 0.5),
                        alpha=a.get("alpha", 0.1))
-        if "ce" in w:
-            terms["ce"] = response_ce(logits, batch["input_ids"], batch["labels_mask"])
-        if "res" in w:
-            terms["res"] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch["t_res"],
-                                    teacher_tail=batch["t_tail"], **kd_args)
-        if "vis" in w:
-            terms["vis"] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch["t_vis"],
-                                    teacher_tail=batch["t_tail"], **kd_args)
+        if impl == "full":
+            if "ce" in w:
+                terms["ce"] = response_ce(logits, batch["input_ids"], batch["labels_mask"])
+            for term, rows in (("res", "t_res"), ("vis", "t_vis")):
+                if term in w:
+                    terms[term] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch[rows],
+                                           teacher_tail=batch["t_tail"], **kd_args)
+        else:
+            head = model.lm_head.weight
+            if "ce" in w:  # cross-entropy = forward KL to a one-hot teacher: k = 1, log-prob 0, no tail
+                mask = batch["labels_mask"][:, 1:]
+                targets = batch["input_ids"][:, 1:][mask][:, None]
+                terms["ce"] = _rows_kd(states[:, :-1], head, mask, targets, torch.zeros(targets.shape),
+                                       torch.full(targets.shape[:1], float("-inf")), impl, loss="fkl")
+            for term, rows in (("res", "t_res"), ("vis", "t_vis")):
+                if term in w:
+                    m = batch[rows]
+                    terms[term] = _rows_kd(states, head, m, batch["t_ids"][m], batch["t_lp"][m], batch["t_tail"][m],
+                                           impl, **kd_args)
         if "rel" in w:
             h_s = visual_rows(pr, "final", batch["image_mask"])
             h_t = batch["t_hidden"][:, self.points.index("final")]
@@ -128,3 +159,13 @@ class KDObjective(Objective):
             terms["feat"] = feature_kd(s_f, batch["t_hidden"][:, self.points.index(point)],
                                        kind=a.get("feat_kind", "mse"))
         return terms
+
+
+def _rows_kd(states, head, mask, ids, lps, tail, impl, **kd_args) -> torch.Tensor:
+    """Sparse-target KD of the LM head's distribution at the masked rows of `states` [B, T, D]; 0 (with a
+    gradient path) where no row is masked, as `logit_kd` gives."""
+    if not mask.any():
+        return states.sum() * 0.0
+    dev = states.device
+    return linear_sparse_kd(states[mask], head, ids.to(dev), lps.to(dev, head.dtype), tail.to(dev, head.dtype),
+                            impl=impl, **kd_args)

@@ -46,6 +46,8 @@ class Recipe:
     eval_samples: int = 256
     save_every: int = 250
     log_every: int = 10
+    parallel: str = "ddp"  # under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and
+    # optimizer state sharded across ranks, for students that do not fit one device)
     data: dict = field(default_factory=dict)
     source: str = ""
 
@@ -77,6 +79,8 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
             raise RecipeError(f"{source}: model file {mpath} does not exist")
         rest["model"] = yaml.safe_load(mpath.read_text())
     rest.setdefault("name", Path(source).stem)
+    if rest.get("parallel", "ddp") not in ("ddp", "fsdp"):
+        raise RecipeError(f"{source}: parallel must be ddp or fsdp, not {rest['parallel']!r}")
     return _build(Recipe, {**rest, "stages": stages, "source": source}, source)
 
 

@@ -38,7 +38,7 @@ def _student(recipe, cache_dir: Path):
 
 def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | None = None,
                       max_steps: int | None = None, seed: int | None = None, verify: bool = True,
-                      shuffle_buffer: int = 256) -> TrainResult:
+                      shuffle_buffer: int = 256, stop_after: int | None = None) -> TrainResult:
     init_from_env()  # under torchrun: join the process group
     recipe = load_recipe(recipe_path)
     if seed is not None:
@@ -56,4 +56,4 @@ def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | Non
     val_items = load_items(val_path, tok, layout, RejectLog(out / "rejects.jsonl"))
     with bar() as p:
         return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id), val_items, out,
-                     objective=objective, max_steps=max_steps, progress=p)
+                     objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)

@@ -93,3 +93,22 @@ def preference_ref(sc, sr, tc, tr, beta):
         m = beta * ((a - c) - (b - d))
         vals.append(math.log(1 + math.exp(-m)))
     return sum(vals) / len(vals)
+
+
+def encode_topk_layout1(pos, ids, logprobs, tail, vocab_size):
+    """The top-k writer of cache layout 1 (caches built before 2026-11-26), kept to test that those
+    caches still read: float32 lp_max and tail, plain deltas, uint8 sqrt-of-nats codes."""
+    import numpy as np
+    import zstandard
+
+    R, k = ids.shape
+    lp = logprobs.astype(np.float64)
+    lp_max = lp.max(-1) if R else np.zeros(0)
+    code = np.rint(255.0 * np.sqrt(np.clip(lp_max[:, None] - lp, 0.0, 32.0) / 32.0)).astype(np.uint8)
+    order = np.argsort(ids, axis=-1, kind="stable")
+    sids = np.take_along_axis(ids.astype(np.int64), order, -1)
+    dt = np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+    head = np.array([R], "<u4").tobytes() + np.array([k], "<u2").tobytes() + bytes([dt.itemsize, 1])
+    body = [pos.astype("<i4"), lp_max.astype("<f4"), tail.astype("<f4"),
+            np.diff(sids, axis=-1, prepend=0).astype(dt), np.take_along_axis(code, order, -1)]
+    return zstandard.ZstdCompressor().compress(head + b"".join(np.ascontiguousarray(a).tobytes() for a in body))

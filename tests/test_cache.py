@@ -72,9 +72,10 @@ def test_topk_codec_against_float64(tmp_path):
             p = np.exp(dec["logprobs"][r].astype(np.float64))
             assert p.sum() + np.exp(float(dec["tail"][r])) == pytest.approx(1.0, abs=1e-5)
             ref = full[r, dec["ids"][r]]
-            # each log-prob within half a quantisation step of the companded code (+ the renormalisation)
-            d = ref.max() - ref
-            assert np.all(np.abs(dec["logprobs"][r] - ref) <= np.sqrt(np.minimum(d, 32) * 32) / 255 + 2e-2)
+            # sqrt(p / p_top1) within half a quantisation step (codes of 8 bits: 255 levels)
+            u_ref = np.exp((ref - ref.max()) / 2)
+            u_dec = np.exp((dec["logprobs"][r].astype(np.float64) - dec["logprobs"][r].max()) / 2)
+            assert np.all(np.abs(u_dec - u_ref) <= 0.5 / 255 + 1e-6)
             # and the (k+1)-bucket distribution is within 1e-3 nats of the exact one
             p_true = np.exp(ref)
             tail_true = max(1 - p_true.sum(), 1e-300)
@@ -99,9 +100,12 @@ def test_stock_readers_open_the_cache_without_vlmkd(cache_dir):
         ids, flags = np.load(tok), np.load(tok)
         assert ids.dtype == np.int32 and len(ids) == meta["tokens"] == len(flags)
         raw = zstandard.ZstdDecompressor().decompress(sample["topk.bin.zst"])
-        R, k, width = int(np.frombuffer(raw, "<u4", 1, 0)[0]), int(np.frombuffer(raw, "<u2", 1, 4)[0]), raw[6]
-        assert R == meta["scored"] and k == 16 and width == 2
-        pos = np.frombuffer(raw, "<i4", R, 8)
+        R, k, bits, layout = int(np.frombuffer(raw, "<u4", 1, 0)[0]), int(np.frombuffer(raw, "<u2", 1, 4)[0]), raw[6], raw[7]
+        assert R == meta["scored"] and k == 16 and bits == 8 and layout == 2
+        pos = np.cumsum(np.frombuffer(raw, "<i4", R, 8))  # delta-coded
+        planes = np.frombuffer(raw, np.uint8, 4 * R * k, 8 + 6 * R).reshape(4, R * k)
+        ids = np.cumsum(planes.T.copy().view("<u4").reshape(R, k).astype(np.int64) + 1, axis=1) - 1
+        assert np.all(np.diff(ids, axis=1) > 0) and ids.max() < 440
         resp = np.flatnonzero(flags & 1)
         assert set(resp - 1) <= set(pos.tolist())
         h = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(sample["hidden.npy.zst"])))

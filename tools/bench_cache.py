@@ -10,6 +10,21 @@ reduced to top-k + tail, encoded by the cache codec and decoded again. Reports, 
 - decode throughput in scored tokens/s on one core.
 
     python tools/bench_cache.py --teacher demo/teacher --data demo/data/val.json --json out.json
+
+--synthetic: teacher distributions at real vocabulary sizes (V = 32,000, 151,936, 262,144), drawn as
+follows. Per position, the logit of the token of rank r is -a log r + 0.5 z (z standard normal), with
+a = 2.0 x U(0.6, 1.4) per position: a Zipf-shaped profile whose mean entropy is ~2 nats (reported),
+in the range of an instruction-tuned LM's next-token entropy. Which token holds which rank: the
+vocabulary ordered by a Plackett-Luce draw from unigram frequencies 1 / (id + 1) (BPE ids are roughly
+in frequency order, so frequent, low ids tend to rank high); `--id-order uniform` draws the order
+uniformly instead (the worst case for id coding). Reported per mode (top-k k, or sampled N draws at
+t = 1): bytes per scored token (members of 16 rows, like a short answer + its visual rows),
+KL(unquantised top-k || decoded) over the k + 1 buckets (the codec's own loss), KL(full || decoded)
+with the tail spread evenly over the other ids, top-1 agreement, and decode throughput on one core.
+For sampled rows the estimate is zero off its draws, so KL(full || it) is infinite by construction;
+its total variation to the full distribution is reported instead (E[estimate] = full: tests/test_sampled.py).
+
+    python tools/bench_cache.py --synthetic --json out.json
 """
 
 from __future__ import annotations
@@ -113,15 +128,135 @@ def bench(rows: list[torch.Tensor], V: int, ks=(8, 16, 32, 64), repeats: int = 3
     return out
 
 
+ENTROPY_SCALE = 2.0  # a: the Zipf exponent of the rank profile (mean entropy ~2 nats at these V)
+
+
+def synthetic_rows(V: int, n: int, seed: int, id_order: str = "frequency") -> tuple[np.ndarray, np.ndarray]:
+    """(logp [n, V] over ranks (float64), ids [n, V]: the token id holding each rank)."""
+    g = np.random.default_rng(seed)
+    r = np.log(np.arange(1, V + 1, dtype=np.float64))
+    a = ENTROPY_SCALE * g.uniform(0.6, 1.4, size=(n, 1))
+    logits = -a * r[None] + 0.5 * g.standard_normal((n, V))
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    if id_order == "uniform":
+        ids = np.stack([g.permutation(V) for _ in range(n)])
+    else:  # Plackett-Luce over unigram weights 1/(id+1): sort by log(id+1) - Gumbel
+        ids = np.argsort(r[None] - g.gumbel(size=(n, V)), axis=-1)
+    return logp, ids
+
+
+def synthetic_bench(V: int, n: int, seed: int, id_order: str, ks=(16, 64), draws=(50,), rows_per_member=16,
+                    repeats: int = 3) -> list[dict]:
+    logp, rank_ids = synthetic_rows(V, n, seed, id_order)
+    p = np.exp(logp)
+    entropy = float(-(p * logp).sum(-1).mean())
+    top1 = rank_ids[np.arange(n), logp.argmax(-1)]
+    out = []
+    members = range(0, n, rows_per_member)
+
+    def timed(decode, blob, rows):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            decode(blob)
+            best = min(best, time.perf_counter() - t)
+        return rows / best
+
+    for k in ks:
+        part = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
+        lp = np.take_along_axis(logp, part, -1)
+        ids = np.take_along_axis(rank_ids, part, -1)
+        tail = np.log1p(-np.exp(lp).sum(-1))
+        blobs = [fmt.encode_topk(np.arange(s, min(s + rows_per_member, n)), ids[s : s + rows_per_member],
+                                 lp[s : s + rows_per_member], tail[s : s + rows_per_member], V) for s in members]
+        dec = [fmt.decode_topk(b) for b in blobs]
+        d_ids = np.concatenate([d["ids"] for d in dec])
+        d_lp = np.concatenate([d["logprobs"] for d in dec]).astype(np.float64)
+        d_tail = np.concatenate([d["tail"] for d in dec]).astype(np.float64)
+        # the decoded rows are in id order: bring the exact values into the same order
+        order = np.argsort(ids, -1)
+        lp_s = np.take_along_axis(lp, order, -1)
+        p_s, T = np.exp(lp_s), np.exp(tail)
+        kl_codec = (p_s * (lp_s - d_lp)).sum(-1) + np.where(T > 0, T * (tail - d_tail), 0)
+        rest = np.ones_like(p, bool)
+        np.put_along_axis(rest, part, False, -1)
+        tail_share = d_tail - np.log(V - k)
+        kl_full = (p_s * (lp_s - d_lp)).sum(-1) + np.where(rest, p * (logp - tail_share[:, None]), 0).sum(-1)
+        agree = float((d_ids[np.arange(n), d_lp.argmax(-1)] == top1).mean())
+        bulk = fmt.encode_topk(np.arange(n), ids, lp, tail, V)
+        out.append({"mode": "topk", "k": k, "vocab": V, "id_order": id_order, "rows": n, "entropy_mean": entropy,
+                    "bytes_per_token": sum(map(len, blobs)) / n, "bytes_per_token_bulk": len(bulk) / n,
+                    "bytes_per_token_packed_ids_only": k * int(np.ceil(np.log2(V))) / 8,
+                    "kl_vs_unquantised_topk_mean": float(kl_codec.mean()), "kl_full_mean": float(kl_full.mean()),
+                    "top1_agreement": agree, "decode_tokens_per_s": timed(fmt.decode_topk, bulk, n)})
+    for N in draws:
+        g = np.random.default_rng(seed + N)
+        s_ids, s_cnt, s_lp, tv, agree = [], [], [], [], 0
+        cdf = np.cumsum(p, -1)
+        for i in range(n):
+            ranks = np.minimum(np.searchsorted(cdf[i], g.random(N) * cdf[i, -1]), V - 1)
+            u, c = np.unique(ranks, return_counts=True)
+            s_ids.append(rank_ids[i, u]), s_cnt.append(c), s_lp.append(logp[i, u])
+            est = c / N
+            tv.append(0.5 * (np.abs(est - p[i, u]).sum() + (1 - p[i, u].sum())))
+            agree += int(rank_ids[i, u[c.argmax()]] == top1[i])
+        # as the cache stores t = 1 draws: ids and counts; the float16 log-probs a t != 1 proposal adds
+        # (for its importance weights) are reported apart
+        blobs = [fmt.encode_sampled(np.arange(s, min(s + rows_per_member, n)), s_ids[s : s + rows_per_member],
+                                    s_cnt[s : s + rows_per_member], N) for s in members]
+        with_lp = [fmt.encode_sampled(np.arange(s, min(s + rows_per_member, n)), s_ids[s : s + rows_per_member],
+                                      s_cnt[s : s + rows_per_member], N, 1.0, s_lp[s : s + rows_per_member])
+                   for s in members]
+        bulk = fmt.encode_sampled(np.arange(n), s_ids, s_cnt, N)
+        out.append({"mode": "sampled", "draws": N, "vocab": V, "id_order": id_order, "rows": n,
+                    "entropy_mean": entropy, "unique_ids_mean": float(np.mean([len(x) for x in s_ids])),
+                    "bytes_per_token": sum(map(len, blobs)) / n,
+                    "bytes_per_token_with_logprobs": sum(map(len, with_lp)) / n,
+                    "bytes_per_token_bulk": len(bulk) / n, "tv_full_mean": float(np.mean(tv)),
+                    "top1_agreement": agree / n, "decode_tokens_per_s": timed(fmt.decode_sampled, bulk, n)})
+    return out
+
+
+def print_synthetic(rows: list[dict]) -> None:
+    print(f"{'V':>7} {'ids':>9} {'mode':>11} {'H nats':>6} {'B/tok':>6} {'B/tok bulk':>10} {'KL codec':>9} "
+          f"{'KL full':>8} {'TV full':>7} {'top-1':>6} {'dec tok/s':>10}")
+    for r in rows:
+        mode = f"top-{r['k']}" if r["mode"] == "topk" else f"N={r['draws']}"
+        print(f"{r['vocab']:>7} {r['id_order']:>9} {mode:>11} {r['entropy_mean']:>6.2f} {r['bytes_per_token']:>6.1f} "
+              f"{r['bytes_per_token_bulk']:>10.1f} {r.get('kl_vs_unquantised_topk_mean', float('nan')):>9.1e} "
+              f"{r.get('kl_full_mean', float('nan')):>8.3f} {r.get('tv_full_mean', float('nan')):>7.3f} "
+              f"{r['top1_agreement']:>6.3f} {r['decode_tokens_per_s']:>10,.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--teacher", type=Path)
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--synthetic", action="store_true", help="synthetic teachers at V = 32k, 152k, 262k instead")
+    ap.add_argument("--rows", type=int, default=256, help="--synthetic: scored rows per vocabulary size")
+    ap.add_argument("--id-order", default="both", choices=["frequency", "uniform", "both"])
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--score-visual", action="store_true", help="also score visual positions, as the demo cache does")
     ap.add_argument("--cache", type=Path, help="also report a built cache's bytes per token per payload")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.synthetic:
+        res = []
+        orders = ["frequency", "uniform"] if args.id_order == "both" else [args.id_order]
+        for V in (32000, 151936, 262144):
+            for order in orders:
+                res += synthetic_bench(V, args.rows, args.seed, order)
+        print_synthetic(res)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                             "synthetic": res}, indent=1))
+            print(f"wrote {args.json}")
+        return
+    if not (args.teacher and args.data):
+        ap.error("--teacher and --data are needed (or --synthetic)")
     rows, V = full_rows(args.teacher, args.data, args.samples, args.score_visual)
     res = bench(rows, V)
     print(f"{'k':>3} {'B/tok member':>12} {'B/tok codec':>11} {'raw f32 top-k':>13} {'full f32':>9} "

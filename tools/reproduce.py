@@ -7,6 +7,12 @@ curves) and DIR/RESULTS.md (the table and the cost of each recipe).
 
     python tools/reproduce.py --demo demo --out repro
     python tools/reproduce.py --quick --out repro-quick    # CI: builds its own small teacher + cache
+    python tools/reproduce.py --demo demo --out repro --recipes mdist --cache-variants sampled:50,topk:4
+
+--cache-variants: extra rows of the `mdist` recipe (L_res + L_vis) trained from other caches of the
+same teacher over the training questions (DEMO/data/train_questions.json): `sampled:N` (Random-
+Sampling KD, N draws at t = 1) or `topk:K`; logits only (no attention or hidden states), built once
+under DIR/caches/ through the transformers backend; each row reports its bytes per scored token.
 
 --quick without --demo builds DIR/demo first (vlmkd.demo.MINI: 6,000 training questions, no
 captions, pipelines/teacher_quick.yaml: 1,600 teacher steps to ~0.86, a cache through the transformers
@@ -35,7 +41,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed; sft, logit_kd, mdist; builds a small teacher without --demo")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
-    ap.add_argument("--recipes", default=None, help="comma-separated subset of the rows")
+    ap.add_argument("--recipes", default=None, help="comma-separated subset of the rows (none: variants only)")
+    ap.add_argument("--cache-variants", default="", help="e.g. sampled:50,topk:4 (mdist rows from other caches)")
     args = ap.parse_args()
     run(args)
 
@@ -57,17 +64,22 @@ def run(args) -> dict:
     seeds = range(args.seeds or (1 if args.quick else 3))
     steps = MINI["student_steps"] if args.quick else None  # the recipes' own steps (600)
     wanted = args.recipes.split(",") if args.recipes else (QUICK_RECIPES if args.quick else RECIPES)
+    wanted = [] if wanted == ["none"] else wanted  # --recipes none: only the --cache-variants rows
     unknown = sorted(set(wanted) - set(RECIPES))
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; rows are {RECIPES}")
     results: dict = {"teacher": evaluate_model(teacher, data / "test.json", limit=args.test_limit)}
     results["teacher"]["runs"] = 1
-    for name in [r for r in RECIPES if r in wanted]:
+    jobs = [(name, name, cache) for name in RECIPES if name in wanted]
+    for spec in filter(None, args.cache_variants.split(",")):
+        variant_cache = build_variant_cache(spec, data, teacher, args.out / "caches")
+        jobs.append((f"mdist+{spec}", "mdist", variant_cache))
+    for name, recipe, row_cache in jobs:
         rows = []
         for seed in seeds:
-            run_dir = args.out / "students" / name / f"seed{seed}"
+            run_dir = args.out / "students" / name.replace(":", "") / f"seed{seed}"
             t = time.time()
-            res = train_student_run(ROOT / "pipelines" / f"{name}.yaml", cache, run_dir, val=data / "val.json",
+            res = train_student_run(ROOT / "pipelines" / f"{recipe}.yaml", row_cache, run_dir, val=data / "val.json",
                                     max_steps=steps, seed=seed)
             secs = time.time() - t
             sc = evaluate_model(res.model_dir, data / "test.json", limit=args.test_limit)
@@ -81,6 +93,7 @@ def run(args) -> dict:
             sc["step_seconds"] = statistics.median(step_times[1:] or step_times) if step_times else None
             rows.append(sc)
         results[name] = aggregate(rows)
+        results[name]["logit_bytes_per_token"] = logit_bytes(row_cache)
     manifest = read_manifest(cache)
     cost = {"cache_seconds": totals(manifest)["seconds"] or None, "cache_samples": totals(manifest)["samples"],
             "cache_backend": manifest["extraction"].get("backend"),
@@ -91,6 +104,9 @@ def run(args) -> dict:
         old = json.loads(previous.read_text())
         results = {**old, **results}
         cost = {**old.get("cost", {}), **{k: v for k, v in cost.items() if v is not None}}
+    for name in RECIPES:  # rows from the main cache (kept from an earlier run or not)
+        if name in results:
+            results[name].setdefault("logit_bytes_per_token", logit_bytes(cache))
     results["cost"] = cost
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "RESULTS.md").write_text(markdown(results, args))
@@ -98,6 +114,35 @@ def run(args) -> dict:
     curves(args.out, args.out / "curves.png")
     print((args.out / "RESULTS.md").read_text())
     return results
+
+
+def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Path:
+    """A logits-only cache of the training questions: `sampled:N` or `topk:K`."""
+    from vlmkd.teacher.job import CacheJob, run_cache_job
+    from vlmkd.teacher.settings import extraction_from
+
+    mode, _, n = spec.partition(":")
+    if mode not in ("sampled", "topk") or not n.isdigit():
+        raise SystemExit(f"--cache-variants {spec!r}: use sampled:N or topk:K")
+    questions = data / "train_questions.json"
+    if not questions.is_file():
+        rows = [r for r in json.loads((data / "train.json").read_text()) if r.get("question_type")]
+        questions.write_text(json.dumps(rows))
+    over = {"logits": mode, "draws": int(n)} if mode == "sampled" else {"logits": "topk", "topk": int(n)}
+    settings = extraction_from(ROOT / "pipelines" / "cache.yaml", **over)
+    settings.attn_layers, settings.hidden_points, settings.gram = [], [], False
+    out = root / spec.replace(":", "")
+    run_cache_job(CacheJob(teacher, questions, out, settings, backend="hf"))
+    return out
+
+
+def logit_bytes(cache: Path) -> float:
+    """Bytes per scored token of the cache's logit payload (top-k or sampled)."""
+    from vlmkd.cache.inspect import summarize
+    from vlmkd.cache.manifest import read_manifest
+
+    per = summarize(read_manifest(cache))["bytes_per_token"]
+    return per.get("topk", per.get("sampled", 0.0))
 
 
 def teacher_forward_seconds(teacher: Path, manifest: Path, reps: int = 10) -> float:
@@ -125,6 +170,12 @@ def teacher_forward_seconds(teacher: Path, manifest: Path, reps: int = 10) -> fl
     return statistics.median(times)
 
 
+def row_names(results: dict) -> list[str]:
+    """The recipes in their fixed order, then the cache-variant rows by their bytes per token."""
+    variants = [n for n in results if n.startswith("mdist+")]
+    return [n for n in RECIPES if n in results] + sorted(variants, key=lambda n: results[n].get("logit_bytes_per_token", 0))
+
+
 def aggregate(rows: list[dict]) -> dict:
     def ms(vals):
         vals = [v for v in vals if v is not None]
@@ -141,18 +192,18 @@ def aggregate(rows: list[dict]) -> dict:
 
 def markdown(results: dict, args) -> str:
     types = sorted(results["teacher"]["per_type"])
-    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL |\n"
-    head += "| --- " * (len(types) + 4) + "|\n"
+    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL | teacher logits, B / scored token |\n"
+    head += "| --- " * (len(types) + 5) + "|\n"
     lines = []
     t = results["teacher"]
     lines.append(f"| teacher | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
-                 + " | |")
-    rows = [n for n in RECIPES if n in results]
+                 + " | | |")
+    rows = row_names(results)
     for name in rows:
         r = results[name]
         cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
         lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
-                     + f" | {cell(r['val_nll'])} |")
+                     + f" | {cell(r['val_nll'])} | {r.get('logit_bytes_per_token', 0):.1f} |")
     quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"
@@ -191,15 +242,16 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [n for n in RECIPES if n in results]
+    rows = row_names(results)
     names = ["teacher", *rows]
     means = [results["teacher"]["accuracy"]] + [results[n]["accuracy"]["mean"] for n in rows]
     stds = [0.0] + [results[n]["accuracy"]["std"] for n in rows]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(names, means, yerr=stds, color=["#555"] + ["#4a7"] * len(rows), capsize=4)
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(names) + 2), 4.5))
+    ax.bar(names, means, yerr=stds, color=["#555"] + ["#47a" if "+" in n else "#4a7" for n in rows], capsize=4)
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
-    ax.set_title("shapes: students from one teacher cache")
+    ax.set_title("shapes: students from one teacher cache (blue: MDist from other caches of the training questions)")
     for i, m in enumerate(means):
         ax.text(i, m + 0.02, f"{m:.2f}", ha="center", fontsize=8)
     fig.tight_layout()
@@ -217,7 +269,8 @@ def curves(out: Path, path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for i, name in enumerate(RECIPES):
+    others = sorted(p.name for p in (out / "students").glob("*") if p.name not in RECIPES)
+    for i, name in enumerate(RECIPES + others):
         runs = sorted((out / "students" / name).glob("seed*/metrics.jsonl"))
         if not runs:
             continue
@@ -227,7 +280,7 @@ def curves(out: Path, path: Path) -> None:
                 for key in series:
                     if key in m:
                         series[key].setdefault(m["step"], []).append(m[key])
-        color = f"C{i}"
+        color = f"C{i % 10}"
         for ax, key in zip(axes, series, strict=True):
             pts = sorted(series[key].items())
             if not pts:

@@ -156,7 +156,10 @@ def cache_teacher(
     backend: str = typer.Option("auto", help="auto (vLLM when it imports and runs the model), vllm, or hf"),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallelism (GPUs per teacher)"),
     data_parallel_size: int = typer.Option(1, help="vLLM data parallelism (engine replicas)"),
+    logits: str | None = typer.Option(None, help="topk (default) or sampled (Random-Sampling KD; hf backend)"),
     topk: int | None = typer.Option(None, "--k", help="top-k log-probs per scored position (default 64)"),
+    draws: int | None = typer.Option(None, help="--logits sampled: draws per scored position (default 50)"),
+    proposal_temperature: float | None = typer.Option(None, help="--logits sampled: draw from p^(1/t) (default 1)"),
     score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
     num_shards: int = typer.Option(1, help="split the data into N jobs (N GPUs or nodes)"),
     shard_index: int = typer.Option(0, help="which of the N jobs this is"),
@@ -173,7 +176,8 @@ def cache_teacher(
     from vlmkd.teacher.settings import extraction_from
 
     _threads(threads)
-    settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size)
+    settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size, logits=logits,
+                               draws=draws, proposal_temperature=proposal_temperature)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
                            max_shard_mb * 2**20, strict, overwrite, tensor_parallel_size=tensor_parallel_size,
                            data_parallel_size=data_parallel_size))

@@ -5,22 +5,36 @@ Each sample is one tar key (10-digit index in the data manifest); each payload o
 zstd frame holding one or more .npy arrays written back to back (`numpy.load` reads them in turn from
 the decompressed stream). Nothing else in vlmkd knows a member name.
 
-Top-k codec (`topk.bin.zst`): one zstd frame over a fixed little-endian layout, read with
+Top-k codec (`topk.bin.zst`), layout 2: one zstd frame over a fixed little-endian layout, read with
 numpy.frombuffer at the offsets below (a per-sample .npy header would cost more than the data on
 short answers). R scored rows, k ids each:
-- header (8 bytes): uint32 R, uint16 k, uint8 id_bytes (2 or 4), uint8 version of this layout (1);
-- `pos` int32 [R]: the sequence index whose output distribution the row is, i.e. p(. | x_<=pos),
-  predicting token pos + 1. Response rows: pos = t - 1 for each response token t. Visual rows: pos = t
-  for each visual token t (LLaVA-KD L_vis);
-- `lp_max` float32 [R]: the row's top-1 log-prob (exact);
-- `tail` float32 [R]: log(1 - sum of the exact top-k probabilities), -inf when k covers everything;
-- `ids` uint16/uint32 [R, k]: each row's k ids sorted ascending and delta-coded (the first absolute,
-  then differences), which zstd packs far below the id width;
-- `code` uint8 [R, k], in the same order as the sorted ids: the log-prob below the row's top-1,
-  companded: d = lp_max - lp >= 0, code = round(255 * sqrt(min(d, D_MAX) / D_MAX)), D_MAX = 32 nats;
-  decode d = D_MAX * (code / 255)^2: fine where the probability is high, coarse where it no longer
-  matters.
-The reader renormalises so that top-k and tail sum to one after decoding.
+- header (8 bytes): uint32 R, uint16 k, uint8 code_bits (1-8), uint8 layout (2);
+- `pos` int32 [R], delta-coded (the first absolute): the sequence index whose output distribution the
+  row is, i.e. p(. | x_<=pos), predicting token pos + 1. Response rows: pos = t - 1 for each
+  response token t. Visual rows: pos = t for each visual token t (LLaVA-KD L_vis);
+- `tail` float16 [R]: log(1 - sum of the exact top-k probabilities), -inf when k covers everything;
+- `ids`: each row's k ids sorted ascending and gap-coded (the first absolute, then id_j - id_{j-1} - 1),
+  as uint32 split into 4 byte planes (all lowest bytes, then all second bytes, ...): the high planes
+  are almost all zero and zstd removes them, at any vocabulary size below 2^32;
+- `code` uint8 [R, k], in the same order as the sorted ids: u = sqrt(p / p_top1) in [0, 1] quantised
+  to L = 2^code_bits - 1 levels, code = round(u L); decode u = max(code, 1/4) / L, log p = 2 log u +
+  const. A uniform step in sqrt(p) spends the same KL on every id (KL ~ p (d log p)^2 / 2 and
+  d log p = 2 du / u); 8 bits (the default) keep even broad rows near 1e-4 nats.
+The reader renormalises so that the top-k mass is 1 - exp(tail). Layout 1 (before 2026-11-26: uint8
+sqrt(nats) codes, float32 lp_max and tail, plain deltas) is still read.
+
+Sampled codec (`sampled.bin.zst`, Random-Sampling KD): N draws per scored row from the teacher's
+distribution at proposal temperature t, stored as the unique ids with their counts:
+- header (16 bytes): uint32 R, uint16 N, uint8 flags (bit 0: per-id teacher log-probs present; bit 1:
+  per-row log-normaliser present), uint8 layout (1), float32 t, uint32 M (total unique ids);
+- `pos` int32 [R] delta-coded; `n` uint8 [R] unique ids per row;
+- `ids` [M]: per row sorted and gap-coded as above, uint32 byte planes;
+- `count` uint8 [M] (N <= 255);
+- `lp` float16 [M] (flag 0): the teacher's log-prob of each id at temperature 1;
+- `logz` float32 [R] (flag 1, t != 1): log sum_v p_v^(1/t), the proposal's normaliser, so that the
+  importance weight p_v / pi_v = exp(lp_v (1 - 1/t) + logz) is exact.
+The reader returns per row the ids and the unbiased estimate w_v = (count_v / N) p_v / pi_v of the
+teacher's probabilities (E[w_v] = p_v; with t = 1, w_v = count_v / N).
 """
 
 from __future__ import annotations
@@ -36,14 +50,17 @@ FORMAT_VERSION = 1
 KNOWN_VERSIONS = {1}
 D_MAX = 32.0
 ZSTD_LEVEL = 9
-TOPK_LAYOUT = 1
+TOPK_LAYOUT = 2
+CODE_BITS = 8
+SAMPLED_LAYOUT = 1
 
 # member suffix (after the key) -> what it holds
 MEMBERS = {
     "meta.json": "sample id and counts (JSON, plain)",
     "image": "the sample's image file, bytes as they were on disk (PNG, JPEG, ...), so students read shards only",
     "tokens.npy.zst": "input_ids int32 [T], flags uint8 [T] (bit 0 response token, bit 1 visual token)",
-    "topk.bin.zst": "header, pos, lp_max, tail, ids (sorted, delta-coded), code (see module docstring)",
+    "topk.bin.zst": "header, pos, tail, ids (sorted, gap-coded, byte planes), code (see module docstring)",
+    "sampled.bin.zst": "header, pos, n, ids (sorted, gap-coded, byte planes), count, lp, logz (see module docstring)",
     "attn.npy.zst": "qpos int32 [Q], attn float16 [L, H or 1, Q, N_v]",
     "hidden.npy.zst": "hidden float16 [P, N_v, D or r] for the manifest's hidden points",
     "pref.npy.zst": "float64 [2]: teacher summed log-prob of chosen and rejected responses",
@@ -92,25 +109,40 @@ def unpack_arrays(blob: bytes, n: int) -> list[np.ndarray]:
     return out
 
 
-def id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+def _planes(ids_sorted: np.ndarray) -> bytes:
+    """Sorted ids of each row (a list of 1-D arrays, or a 2-D array) -> gap codes as uint32 byte planes."""
+    gaps = np.diff(ids_sorted, axis=-1, prepend=-1) - 1 if ids_sorted.ndim == 2 else ids_sorted
+    if gaps.size and gaps.min() < 0:
+        raise ValueError("a row repeats an id (or an id is negative): rows hold distinct ids")
+    return np.ascontiguousarray(gaps.astype("<u4").reshape(-1).view(np.uint8).reshape(-1, 4).T).tobytes()
 
 
-def encode_topk(pos: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int) -> bytes:
+def _unplanes(raw: bytes, offset: int, n: int) -> np.ndarray:
+    """Gap codes [n] (int64) from 4 byte planes of n bytes each."""
+    planes = np.frombuffer(raw, np.uint8, 4 * n, offset).reshape(4, n)
+    return np.ascontiguousarray(planes.T).view("<u4").reshape(n).astype(np.int64)
+
+
+def _delta(pos: np.ndarray) -> bytes:
+    return np.diff(pos.astype(np.int64), prepend=0).astype("<i4").tobytes()
+
+
+def encode_topk(pos: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int,
+                code_bits: int = CODE_BITS) -> bytes:
     """pos [R]; ids, logprobs [R, k] in any order; tail [R] log-mass outside the top k."""
+    if not 1 <= code_bits <= 8:
+        raise ValueError(f"code_bits must be 1..8, not {code_bits}")
+    if vocab_size > 2**32:
+        raise ValueError(f"vocabulary of {vocab_size} ids does not fit the uint32 id planes")
     R, k = ids.shape
-    lp = logprobs.astype(np.float64)
-    lp_max = lp.max(-1) if R else np.zeros(0)
-    d = np.clip(lp_max[:, None] - lp, 0.0, D_MAX)
-    code = np.rint(255.0 * np.sqrt(d / D_MAX)).astype(np.uint8)
     order = np.argsort(ids, axis=-1, kind="stable")
     sids = np.take_along_axis(ids.astype(np.int64), order, -1)
-    delta = np.diff(sids, axis=-1, prepend=0)
-    dt = id_dtype(vocab_size)
-    head = np.array([R], "<u4").tobytes() + np.array([k], "<u2").tobytes() + bytes([dt.itemsize, TOPK_LAYOUT])
-    body = [pos.astype("<i4"), lp_max.astype("<f4"), tail.astype("<f4"), delta.astype(dt),
-            np.take_along_axis(code, order, -1)]
-    return _zstd(head + b"".join(np.ascontiguousarray(a).tobytes() for a in body))
+    lp = np.take_along_axis(logprobs.astype(np.float64), order, -1)
+    levels = (1 << code_bits) - 1
+    u = np.exp((lp - lp.max(-1, keepdims=True)) / 2) if R else np.zeros((0, k))
+    code = np.rint(u * levels).astype(np.uint8)
+    head = np.array([R], "<u4").tobytes() + np.array([k], "<u2").tobytes() + bytes([code_bits, TOPK_LAYOUT])
+    return _zstd(head + _delta(pos) + tail.astype("<f2").tobytes() + _planes(sids) + code.tobytes())
 
 
 def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
@@ -119,9 +151,39 @@ def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
     raw = _unzstd(blob)
     R = int(np.frombuffer(raw, "<u4", 1, 0)[0])
     k = int(np.frombuffer(raw, "<u2", 1, 4)[0])
-    width, layout = raw[6], raw[7]
-    if layout != TOPK_LAYOUT or width not in (2, 4):
-        raise ValueError(f"unknown top-k layout {layout} / id width {width}")
+    if raw[7] == 1:
+        return _decode_topk_v1(raw, R, k)
+    bits, layout = raw[6], raw[7]
+    if layout != TOPK_LAYOUT or not 1 <= bits <= 8:
+        raise ValueError(f"unknown top-k layout {layout} / code bits {bits}")
+    expect = 8 + R * 6 + R * k * 5
+    if len(raw) != expect:
+        raise ValueError(f"top-k member has {len(raw)} bytes, its header implies {expect}")
+    o = 8
+    pos = np.cumsum(np.frombuffer(raw, "<i4", R, o), dtype=np.int64)
+    o += 4 * R
+    tail = np.frombuffer(raw, "<f2", R, o).astype(np.float64)
+    o += 2 * R
+    ids = np.cumsum(_unplanes(raw, o, R * k).reshape(R, k) + 1, axis=-1) - 1
+    o += 4 * R * k
+    code = np.frombuffer(raw, np.uint8, R * k, o).reshape(R, k)
+    lrel, prel = _code_tables(bits)
+    rel = lrel[code]  # log(p / p_top1), up to the quantisation
+    log_norm = np.log(prel[code].sum(-1, dtype=np.float64)) - np.log(-np.expm1(np.minimum(tail, -1e-30)))
+    return {"pos": pos, "ids": ids, "logprobs": (rel - log_norm[:, None]).astype(np.float32),
+            "tail": tail.astype(np.float32)}
+
+
+def _code_tables(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    levels = (1 << bits) - 1
+    u = np.maximum(np.arange(levels + 1), 0.25) / levels  # code 0: the middle of [0, 1/2) steps
+    return 2 * np.log(u), u * u
+
+
+def _decode_topk_v1(raw: bytes, R: int, k: int) -> dict[str, np.ndarray]:
+    width = raw[6]
+    if width not in (2, 4):
+        raise ValueError(f"unknown top-k layout 1 id width {width}")
     expect = 8 + R * 12 + R * k * (width + 1)
     if len(raw) != expect:
         raise ValueError(f"top-k member has {len(raw)} bytes, its header implies {expect}")
@@ -136,21 +198,95 @@ def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
     o += width * R * k
     code = np.frombuffer(raw, np.uint8, R * k, o).reshape(R, k)
     ids = np.cumsum(delta, axis=-1, dtype=np.int64)
-    d = _DECODE_D[code]  # table lookup: code -> nats below the row's top-1
-    # renormalise around the top-1: sum_j exp(lp_j - lp_max) = sum_j exp(-d_j) (exact top-1 has d = 0)
-    mass = _DECODE_P[code].sum(-1, dtype=np.float64)
-    tail_rel = np.exp(tail.astype(np.float64) - lp_max)
-    log_norm = lp_max + np.log(mass + tail_rel)
-    return {
-        "pos": pos.astype(np.int64),
-        "ids": ids,
-        "logprobs": (lp_max - log_norm)[:, None].astype(np.float32) - d,
-        "tail": (tail - log_norm).astype(np.float32),
-    }
+    d = _V1_D[code]
+    mass = _V1_P[code].sum(-1, dtype=np.float64)
+    log_norm = lp_max + np.log(mass + np.exp(tail.astype(np.float64) - lp_max))
+    return {"pos": pos.astype(np.int64), "ids": ids,
+            "logprobs": (lp_max - log_norm)[:, None].astype(np.float32) - d,
+            "tail": (tail - log_norm).astype(np.float32)}
 
 
-_DECODE_D = (D_MAX * (np.arange(256) / 255.0) ** 2).astype(np.float32)
-_DECODE_P = np.exp(-_DECODE_D.astype(np.float64))
+_V1_D = (32.0 * (np.arange(256) / 255.0) ** 2).astype(np.float32)
+_V1_P = np.exp(-_V1_D.astype(np.float64))
+
+
+def encode_sampled(pos: np.ndarray, ids: list[np.ndarray], counts: list[np.ndarray], draws: int,
+                   temperature: float = 1.0, logprobs: list[np.ndarray] | None = None,
+                   logz: np.ndarray | None = None) -> bytes:
+    """Per row r: the unique sampled ids[r] (any order), their counts[r] (summing to `draws`), optionally
+    the teacher's log-probs of those ids at temperature 1; `logz` [R] is required when temperature != 1."""
+    if not 1 <= draws <= 255:
+        raise ValueError(f"draws must be 1..255, not {draws}")
+    if temperature != 1.0 and (logz is None or logprobs is None):
+        raise ValueError("a proposal temperature other than 1 needs the teacher's log-probs and logz")
+    R = len(ids)
+    order = [np.argsort(i, kind="stable") for i in ids]
+    sids = [np.asarray(i, np.int64)[o] for i, o in zip(ids, order, strict=True)]
+    n = np.array([len(i) for i in sids], np.int64)
+    if (n > 255).any() or any(int(np.asarray(c).sum()) != draws for c in counts):
+        raise ValueError("each row needs at most 255 unique ids whose counts sum to the number of draws")
+    gaps = np.concatenate([np.diff(i, prepend=-1) - 1 for i in sids]) if R else np.zeros(0, np.int64)
+    cnt = np.concatenate([np.asarray(c)[o] for c, o in zip(counts, order, strict=True)]) if R else np.zeros(0)
+    flags = (1 if logprobs is not None else 0) | (2 if temperature != 1.0 else 0)
+    head = (np.array([R], "<u4").tobytes() + np.array([draws], "<u2").tobytes() + bytes([flags, SAMPLED_LAYOUT])
+            + np.array([temperature], "<f4").tobytes() + np.array([len(gaps)], "<u4").tobytes())
+    body = [_delta(pos), n.astype(np.uint8).tobytes(), _planes(gaps), cnt.astype(np.uint8).tobytes()]
+    if logprobs is not None:
+        body.append(np.concatenate([np.asarray(lp)[o] for lp, o in zip(logprobs, order, strict=True)])
+                    .astype("<f2").tobytes() if R else b"")
+    if flags & 2:
+        body.append(np.asarray(logz, "<f4").tobytes())
+    return _zstd(head + b"".join(body))
+
+
+def decode_sampled(blob: bytes) -> dict[str, np.ndarray]:
+    """{"pos" [R], "ids" [R, m] int64 (m = most unique ids in a row; padding 0), "weights" [R, m] float32
+    (the unbiased estimate of the teacher's probabilities; 0 on padding), "logprobs" [R, m] float32 (the
+    teacher's, NaN when not stored or on padding), "draws", "temperature"}."""
+    raw = _unzstd(blob)
+    R = int(np.frombuffer(raw, "<u4", 1, 0)[0])
+    draws = int(np.frombuffer(raw, "<u2", 1, 4)[0])
+    flags, layout = raw[6], raw[7]
+    if layout != SAMPLED_LAYOUT:
+        raise ValueError(f"unknown sampled layout {layout}")
+    t = float(np.frombuffer(raw, "<f4", 1, 8)[0])
+    M = int(np.frombuffer(raw, "<u4", 1, 12)[0])
+    expect = 16 + 5 * R + 5 * M + (2 * M if flags & 1 else 0) + (4 * R if flags & 2 else 0)
+    if len(raw) != expect:
+        raise ValueError(f"sampled member has {len(raw)} bytes, its header implies {expect}")
+    o = 16
+    pos = np.cumsum(np.frombuffer(raw, "<i4", R, o), dtype=np.int64)
+    o += 4 * R
+    n = np.frombuffer(raw, np.uint8, R, o).astype(np.int64)
+    o += R
+    gaps = _unplanes(raw, o, M)
+    o += 4 * M
+    cnt = np.frombuffer(raw, np.uint8, M, o).astype(np.float64)
+    o += M
+    lp = None
+    if flags & 1:
+        lp = np.frombuffer(raw, "<f2", M, o).astype(np.float64)
+        o += 2 * M
+    m = int(n.max()) if R else 0
+    row = np.repeat(np.arange(R), n)
+    col = np.arange(M) - np.repeat(np.cumsum(n) - n, n)
+    # ids restart at each row: cumulative sum of (gap + 1) within the row
+    ids = np.zeros((R, m), np.int64)
+    ids[row, col] = gaps + 1
+    ids = np.cumsum(ids, axis=-1) - 1
+    valid = np.zeros((R, m), bool)
+    valid[row, col] = True
+    w = cnt / draws
+    if flags & 2:
+        logz = np.frombuffer(raw, "<f4", R, o).astype(np.float64)
+        w = w * np.exp(lp * (1 - 1 / t) + logz[row])
+    weights = np.zeros((R, m), np.float32)
+    weights[row, col] = w
+    logprobs = np.full((R, m), np.nan, np.float32)
+    if lp is not None:
+        logprobs[row, col] = lp
+    return {"pos": pos, "ids": np.where(valid, ids, 0), "weights": weights, "logprobs": logprobs,
+            "draws": draws, "temperature": t}
 
 
 def encode_tokens(input_ids: np.ndarray, response: np.ndarray, visual: np.ndarray) -> bytes:
@@ -194,6 +330,7 @@ def decode_pref(blob: bytes) -> dict[str, np.ndarray]:
 DECODERS = {
     "tokens": decode_tokens,
     "topk": decode_topk,
+    "sampled": decode_sampled,
     "attn": decode_attn,
     "hidden": decode_hidden,
     "pref": decode_pref,

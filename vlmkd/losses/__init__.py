@@ -5,7 +5,7 @@ See docs/API.md for arguments, shapes and reductions.
 
 from vlmkd.losses.attention import attention_kd, focus_align, resample_grid, text_focus
 from vlmkd.losses.feature import feature_kd
-from vlmkd.losses.logit import LOSSES, logit_kd
+from vlmkd.losses.logit import LOSSES, SAMPLED_LOSSES, logit_kd, sampled_kd
 from vlmkd.losses.preference import preference_kd
 from vlmkd.losses.relation import relation_kd, relation_matrix
 from vlmkd.losses.schedule import AdaptiveWeights, linear_temperature
@@ -13,6 +13,7 @@ from vlmkd.losses.sft import response_ce
 
 __all__ = [
     "LOSSES",
+    "SAMPLED_LOSSES",
     "AdaptiveWeights",
     "attention_kd",
     "feature_kd",
@@ -24,5 +25,6 @@ __all__ = [
     "relation_matrix",
     "resample_grid",
     "response_ce",
+    "sampled_kd",
     "text_focus",
 ]

@@ -159,3 +159,37 @@ def logit_kd(
     rows = divergence(lp, lq, loss, beta, alpha)
     per_pos = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
     return temperature**2 * reduce(per_pos, mask, reduction)
+
+
+SAMPLED_LOSSES = ("fkl",)
+
+
+def sampled_kd(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None = None,
+    reduction: str = "token",
+) -> torch.Tensor:
+    """Random-Sampling KD (Anshumann et al., 2025, arXiv 2503.16870): forward KL to a teacher known
+    through sampled ids with unbiased weights (E[w_v] = p_v, from the cache's counts and importance
+    weights). Per position sum_j w_j (log p_j - log q_j): an unbiased estimate of KL(p || q), and of
+    its gradient. Without the teacher's log-probs it is the cross-entropy form -sum_j w_j log q_j
+    (KL + H(p) in expectation, the same gradient).
+
+    student_logits [B, T, V]; teacher_ids, teacher_weights [B, T, m] (weight 0 = padding); mask [B, T].
+    Only forward KL is linear in p: reverse KL, JSD, skew KLs and TVD need p inside a log or an
+    absolute value, where a sampled estimate is biased; they are refused where a recipe asks for them.
+    """
+    mask = mask.bool()
+    z = student_logits[mask]
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    lq = torch.log_softmax(z, dim=-1).gather(-1, teacher_ids[mask])
+    w = teacher_weights[mask].to(lq.dtype)
+    rows = -(w * lq).sum(-1)
+    if teacher_logprobs is not None:
+        lp = teacher_logprobs[mask].to(lq.dtype)
+        rows = rows + torch.where(w > 0, w * lp, torch.zeros_like(w)).sum(-1)
+    per_pos = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
+    return reduce(per_pos, mask, reduction)

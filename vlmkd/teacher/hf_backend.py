@@ -7,6 +7,7 @@ vision attention, and visual-token hidden states, optionally through a fixed see
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,6 +27,14 @@ class Extraction:
     visual hidden states and the LM head's Gram matrix."""
 
     topk: int = 64
+    # "topk": the k most likely ids + the exact tail; "sampled": Random-Sampling KD (Anshumann et al.,
+    # 2025): `draws` ids drawn per row from the teacher at `proposal_temperature`, stored as unique ids
+    # with counts (and, when t != 1, the teacher's log-probs of them, for exact importance weights)
+    logits: str = "topk"
+    draws: int = 50
+    proposal_temperature: float = 1.0
+    sample_seed: int = 0
+    code_bits: int = 8  # top-k log-prob quantisation (docs/FORMAT.md)
     score_visual: bool = False  # LLaVA-KD L_vis: also score the visual-token positions
     attn_layers: list[int] = field(default_factory=lambda: [0])
     attn_heads: str = "mean"  # "mean" over heads, or "all"
@@ -43,6 +52,29 @@ def projection(dim: int, r: int, seed: int) -> torch.Tensor:
     """The fixed random projection [D, r] (Gaussian / sqrt(r)); regenerate it from (D, r, seed)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(dim, r, generator=g, dtype=torch.float32) / r**0.5
+
+
+def sampled_rows(logits: torch.Tensor, draws: int, temperature: float, seed: int):
+    """logits [R, V] -> per row the unique ids drawn (`draws` times, with replacement) from
+    softmax(logits / temperature), their counts and teacher log-probs at temperature 1, and
+    logz [R] = log sum_v p_v^(1/temperature) (the proposal's normaliser, for exact importance weights)."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    prop = torch.log_softmax(lp / temperature, dim=-1)
+    logz = torch.logsumexp(lp / temperature, dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    draws_idx = torch.multinomial(prop.exp(), draws, replacement=True, generator=g)
+    ids, counts, lps = [], [], []
+    for r in range(len(lp)):
+        u, c = torch.unique(draws_idx[r], return_counts=True)
+        ids.append(u.numpy())
+        counts.append(c.numpy())
+        lps.append(lp[r, u].numpy())
+    return ids, counts, lps, logz.numpy()
+
+
+def sample_seed(sample_id: str, seed: int) -> int:
+    """A sample's own sampling seed: the same draws however the job is batched, split or resumed."""
+    return (zlib.crc32(sample_id.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
 def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,9 +124,20 @@ class HFTeacher:
             pos = scored_positions(enc, s.score_visual)
             members = {}
             if self.with_topk:
-                ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], s.topk)
+                rows = logits[b, torch.from_numpy(pos)]
                 members["tokens"] = fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask)
-                members["topk"] = fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size)
+                if s.logits == "sampled":
+                    ids, counts, lps, logz = sampled_rows(rows, s.draws, s.proposal_temperature,
+                                                          sample_seed(it.sample.id, s.sample_seed))
+                    # the teacher's log-probs and the normaliser only where the weights need them (t != 1):
+                    # they would otherwise cost more bytes than the ids and counts together
+                    tempered = s.proposal_temperature != 1.0
+                    members["sampled"] = fmt.encode_sampled(pos, ids, counts, s.draws, s.proposal_temperature,
+                                                            lps if tempered else None, logz if tempered else None)
+                else:
+                    ids, lps, tail = topk_rows(rows, s.topk)
+                    members["topk"] = fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size,
+                                                      s.code_bits)
             vis = np.flatnonzero(enc.image_mask)
             if s.attn_layers and len(vis):
                 qpos = np.arange(vis[-1] + 1, T)

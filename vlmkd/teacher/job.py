@@ -81,6 +81,22 @@ def choose_backend(name: str, teacher: Path) -> str:
     return chosen
 
 
+def check_settings(settings, backend: str) -> None:
+    """Refuse what a backend cannot extract, before any work."""
+    if settings.logits not in ("topk", "sampled"):
+        raise CacheError(f"--logits {settings.logits!r}: choose topk or sampled")
+    if settings.logits == "sampled":
+        if not 1 <= settings.draws <= 255:
+            raise CacheError(f"--draws {settings.draws}: 1 to 255 draws per position")
+        if settings.proposal_temperature <= 0:
+            raise CacheError("--proposal-temperature must be positive")
+        if backend == "vllm":
+            # vLLM returns the top-k log-probs only; drawing from those would be a lossy copy of the top-k
+            # cache itself, and full-vocabulary prompt log-probs come back as per-token Python dicts
+            raise CacheError("--logits sampled draws from the teacher's full distribution, which the vLLM backend "
+                             "does not return (only its top-k): use --backend hf (or --logits topk with vLLM)")
+
+
 def make_backend(job: CacheJob, backend: str):
     if backend == "vllm":
         from vlmkd.teacher.vllm_backend import VLLMTeacher
@@ -96,7 +112,11 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
+    if job.settings.logits == "sampled" and job.backend == "auto":
+        backend = "hf"  # the only backend with the full distribution (check_settings says why)
+    else:
+        backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
+    check_settings(job.settings, backend)
     rows = list(read_rows(job.data))
     start, end = part_range(len(rows), job.num_parts, job.part_index)
     # the fingerprint comes from the files, so a finished cache is recognised without starting a backend
@@ -133,7 +153,8 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         manifest = new_manifest(fp, str(job.data), len(rows), split)
         manifest["teacher_path"] = str(job.teacher)
         manifest["payload_backends"] = getattr(teacher, "payload_backends",
-                                               {p: teacher.name for p in ("tokens", "topk", "attn", "hidden")})
+                                               {p: teacher.name for p in ("tokens", job.settings.logits, "attn",
+                                                                          "hidden")})
     cursor = manifest["shards"][-1]["end"] if manifest["shards"] else start
     prefix = "shard-" if job.num_parts == 1 else f"part{job.part_index:03d}-"
     bs = job.settings.batch_size

@@ -144,7 +144,7 @@ class VLLMTeacher:
         for it, (pos, ids, lps, tail), extra in zip(items, scored, aux, strict=True):
             enc = it.enc
             members = {"tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
-                       "topk": fmt.encode_topk(pos, ids, lps, tail, self.vocab_size)}
+                       "topk": fmt.encode_topk(pos, ids, lps, tail, self.vocab_size, s.code_bits)}
             result.append({**sample_head(it, pos), **members, **extra})
         return result
 

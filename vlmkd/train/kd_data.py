@@ -23,11 +23,12 @@ from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
 
 
-def needed_payloads(stages: list[Stage]) -> tuple[str, ...]:
+def needed_payloads(stages: list[Stage], logits: str = "topk") -> tuple[str, ...]:
+    """The payloads a recipe reads; `logits` is the cache's mode (its manifest's extraction.logits)."""
     terms = {k for st in stages for k, w in st.losses.items() if w}
     need = ["tokens", "image"]
     if terms & {"res", "vis"}:
-        need.append("topk")
+        need.append(logits)
     if terms & {"attn", "align"}:
         need.append("attn")
     if terms & {"rel", "align", "feat"}:
@@ -48,8 +49,9 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
     """Right-padded student batch with the teacher's payloads at the matching positions.
 
     input_ids, attention_mask, labels_mask, image_mask [B, T]; pixel_values; and, when cached:
-    t_ids [B, T, k], t_lp [B, T, k], t_tail [B, T], t_res / t_vis [B, T] (teacher rows at response /
-    visual positions); t_attn [B, L, Q, N], t_qpos [B, Q], t_qmask [B, Q]; t_hidden [B, P, N, D].
+    t_ids [B, T, k], t_lp [B, T, k], t_tail [B, T] (top-k caches) or t_ids, t_w [B, T, m] (sampled caches:
+    the unbiased weights, 0 on padding) and t_lp (the teacher's log-probs, 0 where not stored), t_res /
+    t_vis [B, T] (teacher rows at response / visual positions); t_attn [B, L, Q, N], t_qpos [B, Q], t_qmask [B, Q]; t_hidden [B, P, N, D].
     """
     B = len(samples)
     T = max(len(s["input_ids"]) for s in samples)
@@ -71,22 +73,31 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
              "input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img,
              "pixel_values": px.unsqueeze(1) if layout.arch == "idefics3" else px}
     if "ids" in samples[0]:
-        k = samples[0]["ids"].shape[1]
+        sampled = "weights" in samples[0]
+        k = max(s["ids"].shape[1] for s in samples)  # sampled rows hold different numbers of unique ids
         t_ids = torch.zeros((B, T, k), dtype=torch.long)
-        t_lp = torch.full((B, T, k), -np.log(k), dtype=torch.float32)
+        t_lp = torch.zeros((B, T, k)) if sampled else torch.full((B, T, k), -np.log(k), dtype=torch.float32)
+        t_w = torch.zeros((B, T, k))
         t_tail = torch.full((B, T), float("-inf"))
         t_res = torch.zeros((B, T), dtype=torch.bool)
         t_vis = torch.zeros((B, T), dtype=torch.bool)
         for i, s in enumerate(samples):
             pos = torch.from_numpy(s["pos"])
-            t_ids[i, pos] = torch.from_numpy(s["ids"])
-            t_lp[i, pos] = torch.from_numpy(s["logprobs"])
-            t_tail[i, pos] = torch.from_numpy(s["tail"])
+            m = s["ids"].shape[1]
+            t_ids[i, pos, :m] = torch.from_numpy(s["ids"])
+            if sampled:
+                t_w[i, pos, :m] = torch.from_numpy(s["weights"])
+                t_lp[i, pos, :m] = torch.from_numpy(np.nan_to_num(s["logprobs"], nan=0.0))
+            else:
+                t_lp[i, pos] = torch.from_numpy(s["logprobs"])
+                t_tail[i, pos] = torch.from_numpy(s["tail"])
             resp_rows = np.flatnonzero(s["response"]) - 1
             t_res[i, torch.from_numpy(resp_rows)] = True
             t_vis[i, torch.from_numpy(np.flatnonzero(s["visual"]))] = True
             t_vis[i] &= torch.zeros(T, dtype=torch.bool).index_fill_(0, pos, True)  # only rows that were scored
         batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis)
+        if sampled:
+            batch["t_w"] = t_w
     if "attn" in samples[0]:
         Q = max(len(s["qpos"]) for s in samples)
         L, H, _, N = samples[0]["attn"].shape

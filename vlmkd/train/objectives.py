@@ -25,12 +25,14 @@ from vlmkd.data.dataset import model_inputs
 from vlmkd.errors import RecipeError
 from vlmkd.kernels import IMPLS, best_impl, linear_sparse_kd
 from vlmkd.losses import (
+    SAMPLED_LOSSES,
     attention_kd,
     feature_kd,
     focus_align,
     linear_temperature,
     logit_kd,
     relation_kd,
+    sampled_kd,
     text_focus,
 )
 from vlmkd.losses.sft import response_ce
@@ -73,6 +75,22 @@ class KDObjective(Objective):
         if "feat" in terms:
             self.proj["feat"] = torch.nn.Linear(s_dim, t_dim, bias=False)
         self.stage_steps = {st.name: st.steps for st in stages}
+        self.sampled = ext.get("logits", "topk") == "sampled"
+        if self.sampled:
+            for st in stages:
+                if not st.losses.keys() & {"res", "vis"}:
+                    continue
+                a = st.loss_args
+                if a.get("logit_loss", "fkl") not in SAMPLED_LOSSES:
+                    raise RecipeError(f"stage {st.name}: logit_loss {a['logit_loss']!r} is biased on a sampled cache "
+                                      f"(it needs p inside a log); sampled caches support {SAMPLED_LOSSES}, or "
+                                      "build a --logits topk cache")
+                if a.get("temperature", 1.0) != 1.0:
+                    raise RecipeError(f"stage {st.name}: a distillation temperature needs the teacher's whole "
+                                      "distribution to renormalise; a sampled cache supports temperature 1 only")
+                if a.get("logit_impl", "auto") not in ("auto", "full"):
+                    raise RecipeError(f"stage {st.name}: the fused LM-head kernels take top-k targets; use "
+                                      "logit_impl: auto or full with a sampled cache")
 
     def _temperature(self, stage: Stage, step: int) -> float:
         t = stage.loss_args.get("temperature", 1.0)
@@ -96,7 +114,7 @@ class KDObjective(Objective):
             raise RecipeError(f"loss_args.logit_impl {impl!r}: choose one of {LOGIT_IMPLS}")
         if impl == "auto":
             impl = "triton" if best_impl(next(model.parameters()).device) == "triton" else "full"
-            if is_sharded(model):
+            if is_sharded(model) or self.sampled:
                 impl = "full"  # FSDP gathers the LM head only inside the model's own forward
         elif impl != "full" and is_sharded(model):
             raise RecipeError(f"logit_impl {impl!r} needs the whole LM head on each rank: use parallel: ddp, "
@@ -114,7 +132,9 @@ class KDObjective(Objective):
             if "ce" in w:
                 terms["ce"] = response_ce(logits, batch["input_ids"], batch["labels_mask"])
             for term, rows in (("res", "t_res"), ("vis", "t_vis")):
-                if term in w:
+                if term in w and self.sampled:
+                    terms[term] = sampled_kd(logits, batch["t_ids"], batch["t_w"], batch[rows], batch["t_lp"])
+                elif term in w:
                     terms[term] = logit_kd(logits, batch["t_ids"], batch["t_lp"], batch[rows],
                                            teacher_tail=batch["t_tail"], **kd_args)
         else:

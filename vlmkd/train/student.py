@@ -47,7 +47,8 @@ def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | Non
     model, hf_tok = _student(recipe, Path(cache))
     tok, layout = data_tokenizer(model, hf_tok)
     # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
-    reader = CacheReader(cache, payloads=needed_payloads(recipe.stages), verify=verify,
+    mode = CacheReader(cache, payloads=()).manifest["extraction"].get("logits", "topk")
+    reader = CacheReader(cache, payloads=needed_payloads(recipe.stages, mode), verify=verify,
                          shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
     reader.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
     objective = KDObjective(model, reader, recipe.stages)

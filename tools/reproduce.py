@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd"]
+RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "llava_mod"]
 QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
 TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
 
@@ -91,8 +91,10 @@ def run(args) -> dict:
             # the median logged step (data + forward + backward + update), not evaluation or saving
             step_times = [m["step_seconds"] for m in metrics if m["kind"] == "train" and "step_seconds" in m]
             sc["step_seconds"] = statistics.median(step_times[1:] or step_times) if step_times else None
+            sc["params"] = parameter_counts(res.model_dir)
             rows.append(sc)
         results[name] = aggregate(rows)
+        results[name]["params"] = rows[0]["params"]
         results[name]["logit_bytes_per_token"] = logit_bytes(row_cache)
     manifest = read_manifest(cache)
     cost = {"cache_seconds": totals(manifest)["seconds"] or None, "cache_samples": totals(manifest)["samples"],
@@ -107,6 +109,10 @@ def run(args) -> dict:
     for name in RECIPES:  # rows from the main cache (kept from an earlier run or not)
         if name in results:
             results[name].setdefault("logit_bytes_per_token", logit_bytes(cache))
+    for name in row_names(results):
+        first = args.out / "students" / name.replace(":", "") / "seed0" / "model"
+        if "params" not in results[name] and (first / "config.json").is_file():
+            results[name]["params"] = parameter_counts(first)
     results["cost"] = cost
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "RESULTS.md").write_text(markdown(results, args))
@@ -134,6 +140,15 @@ def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Pat
     out = root / spec.replace(":", "")
     run_cache_job(CacheJob(teacher, questions, out, settings, backend="hf"))
     return out
+
+
+def parameter_counts(model_dir: Path) -> dict:
+    """Total and per-token active parameters (an MoE student uses top-k of its experts), LLM included."""
+    from vlmkd.models.build import load_model
+    from vlmkd.models.moe import active_parameters
+
+    total, active = active_parameters(load_model(model_dir)[0])
+    return {"total": total, "active": active}
 
 
 def logit_bytes(cache: Path) -> float:
@@ -170,6 +185,13 @@ def teacher_forward_seconds(teacher: Path, manifest: Path, reps: int = 10) -> fl
     return statistics.median(times)
 
 
+def params_cell(r: dict) -> str:
+    p = r.get("params")
+    if not p:
+        return ""
+    return f"{p['total'] / 1e6:.2f}M" + (f" ({p['active'] / 1e6:.2f}M)" if p["active"] != p["total"] else "")
+
+
 def row_names(results: dict) -> list[str]:
     """The recipes in their fixed order, then the cache-variant rows by their bytes per token."""
     variants = [n for n in results if n.startswith("mdist+")]
@@ -192,18 +214,19 @@ def aggregate(rows: list[dict]) -> dict:
 
 def markdown(results: dict, args) -> str:
     types = sorted(results["teacher"]["per_type"])
-    head = "| model | runs | accuracy | " + " | ".join(types) + " | held-out NLL | teacher logits, B / scored token |\n"
-    head += "| --- " * (len(types) + 5) + "|\n"
+    head = ("| model | runs | accuracy | " + " | ".join(types)
+            + " | held-out NLL | teacher logits, B / scored token | parameters (active) |\n")
+    head += "| --- " * (len(types) + 6) + "|\n"
     lines = []
     t = results["teacher"]
     lines.append(f"| teacher | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
-                 + " | | |")
+                 + " | | | |")
     rows = row_names(results)
     for name in rows:
         r = results[name]
         cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
         lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
-                     + f" | {cell(r['val_nll'])} | {r.get('logit_bytes_per_token', 0):.1f} |")
+                     + f" | {cell(r['val_nll'])} | {r.get('logit_bytes_per_token', 0):.1f} | {params_cell(r)} |")
     quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"

@@ -19,10 +19,11 @@ import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs, to_device
 from vlmkd.data.template import Tokenizer
-from vlmkd.errors import DataError
+from vlmkd.errors import DataError, RecipeError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import Layout, parts_of, save_model
+from vlmkd.models.moe import is_moe, upcycle
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
 from vlmkd.train.dist import (
     average_gradients,
@@ -49,6 +50,10 @@ class Objective(torch.nn.Module):
     def forward(self, stage: Stage, model, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
         out = model(**model_inputs(batch))
         return {"ce": response_ce(out.logits, batch["input_ids"], batch["labels_mask"])}
+
+    def stats(self) -> dict[str, float]:
+        """Numbers to log beside the loss terms (not trained on), from the last forward."""
+        return {}
 
 
 class ItemSource:
@@ -172,11 +177,15 @@ def train(
     state = None
     if ckpt is not None:
         state = load_state(ckpt)
+        if _checkpoint_is_moe(ckpt) and not is_moe(model):  # the run had upcycled before it stopped
+            model = _upcycled(model, next(st for st in recipe.stages if st.upcycle), device)
         model.load_state_dict(_load_weights(ckpt), strict=True)  # full weights, before any sharding
         if (ckpt / "objective.pt").is_file():
             objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True, map_location=device))
         start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
     fsdp = recipe.parallel == "fsdp" and dist_info()[1] > 1
+    if fsdp and any(st.upcycle for st in recipe.stages):
+        raise RecipeError("upcycling a student mid-run is not supported under FSDP; run that recipe with ddp")
     if fsdp:
         shard_model(model)
     # the model and the loss-side modules, for optimizer state keyed by parameter name (any world size)
@@ -196,6 +205,9 @@ def train(
         if si < start_stage:
             continue
         total = min(stage.steps, max_steps) if max_steps else stage.steps
+        if stage.upcycle and not is_moe(model):
+            model = _upcycled(model, stage, device)
+            holder = torch.nn.ModuleDict({"model": model, "objective": objective})
         params = set_trainable(model, stage.trainable) + [p for p in objective.parameters()]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
         first = start_step if si == start_stage else 0
@@ -221,6 +233,8 @@ def train(
                 (loss / stage.grad_accum).backward()
                 for k, v in terms.items():
                     logs[f"loss_{k}"] = logs.get(f"loss_{k}", 0.0) + float(v.detach()) / stage.grad_accum
+                for k, v in objective.stats().items():
+                    logs[k] = logs.get(k, 0.0) + v / stage.grad_accum
                 logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / stage.grad_accum
             average_gradients(params)  # no-op in one process
             logs = average_logs(logs)
@@ -266,13 +280,25 @@ def train(
     return TrainResult(run_dir, model_dir, global_step, time.time() - t0, last_eval)
 
 
-def _load_weights(ckpt: Path) -> dict:
-    from safetensors.torch import load_file
+def _checkpoint_is_moe(ckpt: Path) -> bool:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    return cfg.get("text_config", {}).get("model_type") == "mixtral"
 
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
+
+def _upcycled(model, stage: Stage, device):
+    """LLaVA-MoD's dense-to-sparse step: the dense LLM's FFNs become experts (vlmkd.models.moe)."""
+    u = stage.upcycle
+    moe = upcycle(model, experts=u.get("experts", 4), top_k=u.get("top_k", 2), aux_coef=u.get("aux_coef", 0.01),
+                  seed=u.get("seed", 0))
+    return moe.to(device)
+
+
+def _load_weights(ckpt: Path) -> dict:
+    """The checkpoint's weights named as the in-memory modules name them: read through transformers,
+    which maps the names it writes (e.g. Mixtral's per-expert tensors) back to its current layout."""
+    from vlmkd.models.build import load_model
+
+    return load_model(ckpt)[0].state_dict()
 
 
 def _recipe_dict(recipe: Recipe) -> dict:

@@ -8,6 +8,7 @@ Terms (keys of a stage's `losses:`, each with its weight):
 - attn:  first-layer text-to-vision attention distillation (Align-KD)
 - align: projected visual tokens aligned to the teacher's, weighted by text focus (Align-KD)
 - feat:  feature alignment at a hidden point through a learned linear map
+- balance: the MoE routers' load-balancing loss (LLaVA-MoD's sparse student; 0 while the LLM is dense)
 Options (`loss_args:`): logit_loss (fkl|rkl|jsd|skl|srkl|tvd), temperature (a number, or
 {start, end} for a linear schedule over the stage), beta, alpha, attn_kind (mse|kl), attn_layers,
 feat_kind (mse|cosine), feat_point (a cached hidden point name), logit_impl (auto|full|torch|triton:
@@ -17,6 +18,8 @@ logits elsewhere; torch/triton take only the scored rows' hidden states through
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -36,12 +39,13 @@ from vlmkd.losses import (
     text_focus,
 )
 from vlmkd.losses.sft import response_ce
+from vlmkd.models.moe import expert_shares, is_moe, load_balance_loss, record_router_logits
 from vlmkd.models.probe import probe, visual_rows
 from vlmkd.train.dist import is_sharded
 from vlmkd.train.loop import Objective
 from vlmkd.train.recipe import Stage
 
-TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat")
+TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat", "balance")
 LOGIT_IMPLS = ("auto", "full", *IMPLS)
 
 
@@ -119,12 +123,25 @@ class KDObjective(Objective):
         elif impl != "full" and is_sharded(model):
             raise RecipeError(f"logit_impl {impl!r} needs the whole LM head on each rank: use parallel: ddp, "
                               "or logit_impl: full under fsdp")
-        with probe(model, batch["attention_mask"], attn_layers, sorted(hidden)) as pr:
+        moe = is_moe(model)
+        routing = record_router_logits(model) if moe else contextlib.nullcontext([])
+        with probe(model, batch["attention_mask"], attn_layers, sorted(hidden)) as pr, routing as router_logits:
             if impl == "full":
                 logits = model(**model_inputs(batch)).logits
             else:  # the final hidden states; the LM head is applied inside the fused loss, row chunk by chunk
                 states = model.model(**model_inputs(batch)).last_hidden_state
         terms: dict[str, torch.Tensor] = {}
+        self._stats = {}
+        if moe:
+            top_k = model.config.text_config.num_experts_per_tok
+            mask = batch["attention_mask"].bool()
+            shares = expert_shares(router_logits, top_k, mask)
+            self._stats = {"moe_load_max": float(shares.max(-1).values.mean()),
+                           "moe_load_min": float(shares.min(-1).values.mean())}
+            if "balance" in w:
+                terms["balance"] = load_balance_loss(router_logits, top_k, mask)
+        elif "balance" in w:
+            terms["balance"] = next(model.parameters()).sum() * 0.0  # dense stage: nothing to balance yet
         tau = self._temperature(stage, step)
         kd_args = dict(loss=a.get("logit_loss", "fkl"), temperature=tau, beta=a.get("beta", 0.5),
                        alpha=a.get("alpha", 0.1))
@@ -179,6 +196,9 @@ class KDObjective(Objective):
             terms["feat"] = feature_kd(s_f, batch["t_hidden"][:, self.points.index(point)],
                                        kind=a.get("feat_kind", "mse"))
         return terms
+
+    def stats(self) -> dict[str, float]:
+        return dict(getattr(self, "_stats", {}))
 
 
 def _rows_kd(states, head, mask, ids, lps, tail, impl, **kd_args) -> torch.Tensor:

@@ -33,6 +33,9 @@ class Stage:
     prompt_regex: str | None = None  # and, if set, only samples whose first prompt matches it
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     loss_args: dict = field(default_factory=dict)
+    # LLaVA-MoD: turn the dense LLM into a mixture of experts when this stage starts:
+    # {experts: 4, top_k: 2, aux_coef: 0.01, seed: 0} (vlmkd.models.moe.upcycle)
+    upcycle: dict | None = None
 
 
 @dataclass
@@ -69,6 +72,11 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
         bad = set(stage.trainable) - set(PARTS)
         if bad:
             raise RecipeError(f"{source} stage {stage.name}: unknown trainable part(s) {sorted(bad)}; use {PARTS}")
+        if stage.upcycle is not None:
+            bad = set(stage.upcycle) - {"experts", "top_k", "aux_coef", "seed"}
+            if bad:
+                raise RecipeError(f"{source} stage {stage.name}: unknown upcycle key(s) {sorted(bad)}; "
+                                  "use experts, top_k, aux_coef, seed")
         if stage.data not in DATA_KINDS:
             raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
         stages.append(stage)

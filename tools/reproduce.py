@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "llava_mod"]
+# llava_mod_pd (all three LLaVA-MoD parts) needs preference pairs: --cache-variants llava_mod_pd@pairs:64
 QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
 TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
 
@@ -71,9 +72,10 @@ def run(args) -> dict:
     results: dict = {"teacher": evaluate_model(teacher, data / "test.json", limit=args.test_limit)}
     results["teacher"]["runs"] = 1
     jobs = [(name, name, cache) for name in RECIPES if name in wanted]
-    for spec in filter(None, args.cache_variants.split(",")):
+    for entry in filter(None, args.cache_variants.split(",")):
+        recipe, _, spec = entry.rpartition("@")  # RECIPE@SPEC; the recipe defaults to mdist
         variant_cache = build_variant_cache(spec, data, teacher, args.out / "caches")
-        jobs.append((f"mdist+{spec}", "mdist", variant_cache))
+        jobs.append((f"{recipe or 'mdist'}+{spec}", recipe or "mdist", variant_cache))
     for name, recipe, row_cache in jobs:
         rows = []
         for seed in seeds:
@@ -123,17 +125,19 @@ def run(args) -> dict:
 
 
 def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Path:
-    """A logits-only cache of the training questions: `sampled:N` or `topk:K`."""
+    """A logits-only cache of the training questions: `sampled:N`, `topk:K`, or `pairs:K` (top-K with
+    preference pairs: a plausible wrong answer per question, scored by the teacher too)."""
+    from vlmkd.data.shapes import add_preference_pairs
     from vlmkd.teacher.job import CacheJob, run_cache_job
     from vlmkd.teacher.settings import extraction_from
 
     mode, _, n = spec.partition(":")
-    if mode not in ("sampled", "topk") or not n.isdigit():
-        raise SystemExit(f"--cache-variants {spec!r}: use sampled:N or topk:K")
-    questions = data / "train_questions.json"
+    if mode not in ("sampled", "topk", "pairs") or not n.isdigit():
+        raise SystemExit(f"--cache-variants {spec!r}: use sampled:N, topk:K or pairs:K")
+    questions = data / ("train_questions_pairs.json" if mode == "pairs" else "train_questions.json")
     if not questions.is_file():
         rows = [r for r in json.loads((data / "train.json").read_text()) if r.get("question_type")]
-        questions.write_text(json.dumps(rows))
+        questions.write_text(json.dumps(add_preference_pairs(rows, 0) if mode == "pairs" else rows))
     over = {"logits": mode, "draws": int(n)} if mode == "sampled" else {"logits": "topk", "topk": int(n)}
     settings = extraction_from(ROOT / "pipelines" / "cache.yaml", **over)
     settings.attn_layers, settings.hidden_points, settings.gram = [], [], False
@@ -194,7 +198,7 @@ def params_cell(r: dict) -> str:
 
 def row_names(results: dict) -> list[str]:
     """The recipes in their fixed order, then the cache-variant rows by their bytes per token."""
-    variants = [n for n in results if n.startswith("mdist+")]
+    variants = [n for n in results if "+" in n]
     return [n for n in RECIPES if n in results] + sorted(variants, key=lambda n: results[n].get("logit_bytes_per_token", 0))
 
 

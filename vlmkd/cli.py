@@ -36,6 +36,8 @@ def data_shapes(
     seed: int = typer.Option(0),
     questions_per_image: int = typer.Option(2, help="question samples per training image"),
     caption_every: int = typer.Option(4, help="a caption sample on every m-th training image (0: none)"),
+    preference: bool = typer.Option(False, help="add a plausible wrong `rejected` answer to every training "
+                                                "question (LLaVA-MoD preference pairs)"),
 ):
     """Generate the synthetic "shapes" data set (shared/DATASET.md), deterministic from the seed."""
     from vlmkd.data.shapes import write_dataset
@@ -44,7 +46,8 @@ def data_shapes(
     with bar() as p:
         tasks = {s: p.add_task(f"shapes/{s}", total=n, unit="images") for s, n in sizes.items()}
         paths = write_dataset(out, sizes, seed, {"train": questions_per_image}, {"train": caption_every},
-                              progress=lambda s, n: p.update(tasks[s], advance=n))
+                              progress=lambda s, n: p.update(tasks[s], advance=n),
+                              preference={"train"} if preference else frozenset())
     for path in paths.values():
         console.print(f"wrote {path} ({len(json.loads(path.read_text()))} samples)")
 

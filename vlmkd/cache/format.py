@@ -63,7 +63,8 @@ MEMBERS = {
     "sampled.bin.zst": "header, pos, n, ids (sorted, gap-coded, byte planes), count, lp, logz (see module docstring)",
     "attn.npy.zst": "qpos int32 [Q], attn float16 [L, H or 1, Q, N_v]",
     "hidden.npy.zst": "hidden float16 [P, N_v, D or r] for the manifest's hidden points",
-    "pref.npy.zst": "float64 [2]: teacher summed log-prob of chosen and rejected responses",
+    "pref.npy.zst": "rejected input_ids int32 [T'], flags uint8 [T'], teacher log-probs float32 of the chosen [Tc] "
+                    "and rejected [Tr] response tokens (LLaVA-MoD preference pairs)",
 }
 PAYLOADS = tuple(m.split(".")[0] for m in MEMBERS)
 FLAG_RESPONSE = 1
@@ -318,13 +319,18 @@ def decode_hidden(blob: bytes) -> dict[str, np.ndarray]:
     return {"hidden": h}
 
 
-def encode_pref(chosen: float, rejected: float) -> bytes:
-    return pack_arrays(np.array([chosen, rejected], dtype=np.float64))
+def encode_pref(rejected_ids: np.ndarray, rejected_response: np.ndarray, chosen_lp: np.ndarray,
+                rejected_lp: np.ndarray) -> bytes:
+    """A preference pair as the teacher scored it: the rejected sequence (same prompt, the wrong
+    answer) with its response flags, and the teacher's per-token log-probs of both responses."""
+    return pack_arrays(rejected_ids.astype(np.int32), rejected_response.astype(np.uint8) * FLAG_RESPONSE,
+                       chosen_lp.astype(np.float32), rejected_lp.astype(np.float32))
 
 
 def decode_pref(blob: bytes) -> dict[str, np.ndarray]:
-    (a,) = unpack_arrays(blob, 1)
-    return {"pref": a}
+    ids, flags, c, r = unpack_arrays(blob, 4)
+    return {"r_input_ids": ids.astype(np.int64), "r_response": (flags & FLAG_RESPONSE) > 0,
+            "pref_chosen_lp": c, "pref_rejected_lp": r}
 
 
 DECODERS = {

@@ -7,6 +7,7 @@ Everything is deterministic from a seed: image i of split s draws from its own g
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,31 @@ def generate_split(
         yield i, render(scene), recs
 
 
+def wrong_answer(question_type: str, answer: str, rng: np.random.Generator) -> str:
+    """A plausible wrong one-word answer of the same kind (LLaVA-MoD preference pairs): another colour,
+    shape or count word, "nothing" for an occupied cell (or a shape / colour for an empty one), and the
+    other of yes / no."""
+    if question_type == "exists_color_shape":
+        return "no" if answer == "yes" else "yes"
+    pool = {"color_of_shape": list(COLORS), "color_at_position": [*COLORS, "nothing"],
+            "shape_at_position": [*SHAPES, "nothing"], "count_shape": list(COUNT_WORDS)}[question_type]
+    others = [w for w in pool if w != answer]
+    return others[int(rng.integers(len(others)))]
+
+
+def add_preference_pairs(records: list[dict], seed: int) -> list[dict]:
+    """Each single-question record gains `rejected`: a plausible wrong answer (its conversation's
+    answer is the chosen one). Seeded per sample id, so a record's pair never depends on the others."""
+    out = []
+    for rec in records:
+        qtype = rec.get("question_type")
+        if qtype is not None and len(rec["conversations"]) == 2:
+            rng = np.random.default_rng([seed, zlib.crc32(rec["id"].encode())])
+            rec = {**rec, "rejected": wrong_answer(qtype, rec["conversations"][1]["value"], rng)}
+        out.append(rec)
+    return out
+
+
 def write_dataset(
     out: str | Path,
     sizes: dict[str, int],
@@ -197,8 +223,10 @@ def write_dataset(
     progress=None,
     turns: dict[str, int] | None = None,
     balanced: set[str] | frozenset[str] = frozenset(),
+    preference: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Path]:
-    """Write `out/{split}.json` (LLaVA conversation JSON) and `out/images/{split}/*.png`."""
+    """Write `out/{split}.json` (LLaVA conversation JSON) and `out/images/{split}/*.png`; splits in
+    `preference` get a `rejected` answer on every single-question record (`add_preference_pairs`)."""
     out = Path(out)
     questions_per_image = questions_per_image or {}
     caption_every = caption_every or {}
@@ -215,6 +243,8 @@ def write_dataset(
             records.extend(recs)
             if progress is not None:
                 progress(split, 1)
+        if split in preference:
+            records = add_preference_pairs(records, seed)
         path = out / f"{split}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(records, indent=0))

@@ -153,6 +153,37 @@ class HFTeacher:
                     hs.append(h @ self.proj if self.proj is not None else h)
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
             out.append({**sample_head(it, pos), **members} if self.with_topk else members)
+        if self.with_topk:
+            for b, pair in self._preference_pairs(items, logits).items():
+                out[b]["pref"] = pair
+        return out
+
+    def _preference_pairs(self, items: list[Item], logits: torch.Tensor) -> dict[int, bytes]:
+        """For samples with a `rejected` answer (LLaVA-MoD preference pairs): the teacher's per-token
+        log-probs of the chosen response (from this batch's forward) and of the rejected one (a second
+        teacher-forced forward of the same prompt with the wrong answer)."""
+        from dataclasses import replace
+
+        from vlmkd.data.dataset import encode_samples
+        from vlmkd.data.manifest import Turn
+
+        idx = [b for b, it in enumerate(items) if "rejected" in it.sample.extra]
+        if not idx:
+            return {}
+        rejected = []
+        for b in idx:
+            s = items[b].sample
+            last = max(i for i, t in enumerate(s.turns) if t.role == "assistant")
+            turns = tuple(Turn(t.role, str(s.extra["rejected"])) if i == last else t for i, t in enumerate(s.turns))
+            rejected.append(replace(s, turns=turns))
+        r_items = encode_samples(rejected, self.tok, self.layout, strict=True)
+        r_logits = self.model(**model_inputs(collate(r_items, self.layout, self.tok.pad_id))).logits
+        out = {}
+        for j, b in enumerate(idx):
+            c_lp = response_logprobs(logits[b], items[b].enc)
+            r_lp = response_logprobs(r_logits[j], r_items[j].enc)
+            enc = r_items[j].enc
+            out[b] = fmt.encode_pref(enc.input_ids, enc.labels_mask, c_lp, r_lp)
         return out
 
     @torch.no_grad()
@@ -173,6 +204,13 @@ class HFTeacher:
         if point == "final":
             return n == self.full_layers
         return point == "projector" or int(point.split(":")[1]) < n
+
+
+def response_logprobs(logits: torch.Tensor, enc) -> np.ndarray:
+    """log p(x_t | x_<t) at every response token t of one sequence (float64 log-softmax)."""
+    t = np.flatnonzero(enc.labels_mask)
+    rows = torch.log_softmax(logits[torch.from_numpy(t - 1)].double(), -1)
+    return rows.gather(-1, torch.from_numpy(enc.input_ids[t]).long()[:, None])[:, 0].numpy()
 
 
 def scored_positions(enc, score_visual: bool) -> np.ndarray:

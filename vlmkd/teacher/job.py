@@ -32,7 +32,7 @@ from vlmkd.cache.manifest import (
 )
 from vlmkd.cache.writer import remove_temporaries, write_shard
 from vlmkd.data.dataset import encode_samples
-from vlmkd.data.manifest import Reject
+from vlmkd.data.manifest import Reject, Sample
 from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
 from vlmkd.models.build import layout_of
@@ -112,12 +112,16 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)
-    if job.settings.logits == "sampled" and job.backend == "auto":
-        backend = "hf"  # the only backend with the full distribution (check_settings says why)
+    rows = list(read_rows(job.data))
+    pairs = any(isinstance(r, Sample) and "rejected" in r.extra for r in rows)
+    if (job.settings.logits == "sampled" or pairs) and job.backend == "auto" and teacher is None:
+        backend = "hf"  # the only backend with the full distribution and pair scoring (check_settings says why)
     else:
         backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
     check_settings(job.settings, backend)
-    rows = list(read_rows(job.data))
+    if pairs and backend == "vllm":
+        raise CacheError(f"{job.data} holds preference pairs (`rejected` answers); the vLLM backend does not score "
+                         "them: use --backend hf")
     start, end = part_range(len(rows), job.num_parts, job.part_index)
     # the fingerprint comes from the files, so a finished cache is recognised without starting a backend
     cfg = AutoConfig.from_pretrained(str(job.teacher))

@@ -33,6 +33,8 @@ def needed_payloads(stages: list[Stage], logits: str = "topk") -> tuple[str, ...
         need.append("attn")
     if terms & {"rel", "align", "feat"}:
         need.append("hidden")
+    if "pref" in terms:
+        need.append("pref")
     return tuple(need)
 
 
@@ -54,17 +56,10 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
     t_vis [B, T] (teacher rows at response / visual positions); t_attn [B, L, Q, N], t_qpos [B, Q], t_qmask [B, Q]; t_hidden [B, P, N, D].
     """
     B = len(samples)
-    T = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    lab = torch.zeros((B, T), dtype=torch.bool)
-    img = torch.zeros((B, T), dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[i, :n] = torch.from_numpy(s["input_ids"])
-        attn[i, :n] = 1
-        lab[i, :n] = torch.from_numpy(s["response"])
-        img[i, :n] = torch.from_numpy(s["visual"])
+    ids, attn, lab, img = _right_pad([s["input_ids"] for s in samples], pad_id, [s["response"] for s in samples],
+                                     [s["visual"] for s in samples])
+    T = ids.shape[1]
+    for s in samples:
         if int(s["visual"].sum()) != layout.num_image_tokens:
             raise CacheError(f"sample {s['id']}: the cache has {int(s['visual'].sum())} visual tokens, the student "
                              f"{layout.num_image_tokens}; train a student with the teacher's visual token count")
@@ -110,9 +105,33 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             qpos[i, :q] = torch.from_numpy(s["qpos"])
             qmask[i, :q] = True
         batch.update(t_attn=t_attn.mean(2), t_qpos=qpos, t_qmask=qmask)
+    if any("r_input_ids" in s for s in samples):
+        missing = [s["id"] for s in samples if "r_input_ids" not in s]
+        if missing:
+            raise CacheError(f"samples {missing[:3]} have no preference pair in the cache (`rejected` in the data "
+                             "manifest); the `pref` term needs one for every sample of its stage")
+        r_ids, r_attn, r_lab = _right_pad([s["r_input_ids"] for s in samples], pad_id,
+                                          [s["r_response"] for s in samples])
+        batch.update(r_input_ids=r_ids, r_attention_mask=r_attn, r_labels_mask=r_lab,
+                     t_pref_chosen=torch.tensor([float(s["pref_chosen_lp"].astype(np.float64).sum()) for s in samples]),
+                     t_pref_rejected=torch.tensor([float(s["pref_rejected_lp"].astype(np.float64).sum()) for s in samples]))
     if "hidden" in samples[0]:
         batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in samples]))
     return batch
+
+
+def _right_pad(rows: list[np.ndarray], pad_id: int, *flags: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """ids [B, T] (padded with pad_id), attention mask [B, T], and each per-token flag list as [B, T] bool."""
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    out = [torch.zeros((B, T), dtype=torch.bool) for _ in flags]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.from_numpy(r)
+        attn[i, : len(r)] = 1
+        for f, src in zip(out, flags, strict=True):
+            f[i, : len(r)] = torch.from_numpy(src[i])
+    return ids, attn, *out
 
 
 class CacheSource:

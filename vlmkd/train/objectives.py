@@ -9,6 +9,8 @@ Terms (keys of a stage's `losses:`, each with its weight):
 - align: projected visual tokens aligned to the teacher's, weighted by text focus (Align-KD)
 - feat:  feature alignment at a hidden point through a learned linear map
 - balance: the MoE routers' load-balancing loss (LLaVA-MoD's sparse student; 0 while the LLM is dense)
+- pref:  LLaVA-MoD preference distillation, DPO with the teacher as the reference: the student scores
+         the chosen and the rejected answer of each cached pair (`pref_beta`, default 0.1)
 Options (`loss_args:`): logit_loss (fkl|rkl|jsd|skl|srkl|tvd), temperature (a number, or
 {start, end} for a linear schedule over the stage), beta, alpha, attn_kind (mse|kl), attn_layers,
 feat_kind (mse|cosine), feat_point (a cached hidden point name), logit_impl (auto|full|torch|triton:
@@ -34,6 +36,7 @@ from vlmkd.losses import (
     focus_align,
     linear_temperature,
     logit_kd,
+    preference_kd,
     relation_kd,
     sampled_kd,
     text_focus,
@@ -45,7 +48,7 @@ from vlmkd.train.dist import is_sharded
 from vlmkd.train.loop import Objective
 from vlmkd.train.recipe import Stage
 
-TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat", "balance")
+TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat", "balance", "pref")
 LOGIT_IMPLS = ("auto", "full", *IMPLS)
 
 
@@ -118,8 +121,10 @@ class KDObjective(Objective):
             raise RecipeError(f"loss_args.logit_impl {impl!r}: choose one of {LOGIT_IMPLS}")
         if impl == "auto":
             impl = "triton" if best_impl(next(model.parameters()).device) == "triton" else "full"
-            if is_sharded(model) or self.sampled:
+            if is_sharded(model) or self.sampled or "pref" in w:
                 impl = "full"  # FSDP gathers the LM head only inside the model's own forward
+        elif impl != "full" and "pref" in w:
+            raise RecipeError("the pref term scores whole answers from the model's logits: use logit_impl auto or full")
         elif impl != "full" and is_sharded(model):
             raise RecipeError(f"logit_impl {impl!r} needs the whole LM head on each rank: use parallel: ddp, "
                               "or logit_impl: full under fsdp")
@@ -166,6 +171,13 @@ class KDObjective(Objective):
                     m = batch[rows]
                     terms[term] = _rows_kd(states, head, m, batch["t_ids"][m], batch["t_lp"][m], batch["t_tail"][m],
                                            impl, **kd_args)
+        if "pref" in w:
+            s_chosen = sequence_logprob(logits, batch["input_ids"], batch["labels_mask"])
+            r_logits = model(input_ids=batch["r_input_ids"], attention_mask=batch["r_attention_mask"],
+                             pixel_values=batch["pixel_values"]).logits
+            s_rejected = sequence_logprob(r_logits, batch["r_input_ids"], batch["r_labels_mask"])
+            terms["pref"] = preference_kd(s_chosen, s_rejected, batch["t_pref_chosen"], batch["t_pref_rejected"],
+                                          beta=a.get("pref_beta", 0.1))
         if "rel" in w:
             h_s = visual_rows(pr, "final", batch["image_mask"])
             h_t = batch["t_hidden"][:, self.points.index("final")]
@@ -209,3 +221,9 @@ def _rows_kd(states, head, mask, ids, lps, tail, impl, **kd_args) -> torch.Tenso
     dev = states.device
     return linear_sparse_kd(states[mask], head, ids.to(dev), lps.to(dev, head.dtype), tail.to(dev, head.dtype),
                             impl=impl, **kd_args)
+
+
+def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
+    """[B]: the summed log-prob of each row's response tokens (position t predicted at t - 1)."""
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return (lp * labels_mask[:, 1:]).sum(-1)

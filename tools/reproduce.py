@@ -99,7 +99,8 @@ def run(args) -> dict:
         results[name]["params"] = rows[0]["params"]
         results[name]["logit_bytes_per_token"] = logit_bytes(row_cache)
     manifest = read_manifest(cache)
-    cost = {"cache_seconds": totals(manifest)["seconds"] or None, "cache_samples": totals(manifest)["samples"],
+    sums = totals(manifest)
+    cost = {"cache_seconds": sums["seconds"] or None, "cache_samples": sums["samples"],
             "cache_backend": manifest["extraction"].get("backend"),
             "teacher_forward_seconds": teacher_forward_seconds(teacher, data / "val.json"),
             "batch_size": TEACHER_BATCH}

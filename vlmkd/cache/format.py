@@ -48,7 +48,7 @@ import zstandard
 
 FORMAT_VERSION = 1
 KNOWN_VERSIONS = {1}
-D_MAX = 32.0
+V1_D_MAX = 32.0  # layout 1 companded nats below the top-1 up to this many
 ZSTD_LEVEL = 9
 TOPK_LAYOUT = 2
 CODE_BITS = 8
@@ -111,7 +111,7 @@ def unpack_arrays(blob: bytes, n: int) -> list[np.ndarray]:
 
 
 def _planes(ids_sorted: np.ndarray) -> bytes:
-    """Sorted ids of each row (a list of 1-D arrays, or a 2-D array) -> gap codes as uint32 byte planes."""
+    """Sorted ids [R, k] (gap-coded here), or gap codes already made [M] -> uint32 byte planes."""
     gaps = np.diff(ids_sorted, axis=-1, prepend=-1) - 1 if ids_sorted.ndim == 2 else ids_sorted
     if gaps.size and gaps.min() < 0:
         raise ValueError("a row repeats an id (or an id is negative): rows hold distinct ids")
@@ -207,7 +207,7 @@ def _decode_topk_v1(raw: bytes, R: int, k: int) -> dict[str, np.ndarray]:
             "tail": (tail - log_norm).astype(np.float32)}
 
 
-_V1_D = (32.0 * (np.arange(256) / 255.0) ** 2).astype(np.float32)
+_V1_D = (V1_D_MAX * (np.arange(256) / 255.0) ** 2).astype(np.float32)
 _V1_P = np.exp(-_V1_D.astype(np.float64))
 
 

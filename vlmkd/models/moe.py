@@ -110,27 +110,27 @@ def load_balance_loss(router_logits: list[torch.Tensor], top_k: int, mask: torch
     with f_e the mean number of a token's top-k slots taken by expert e and P_e the mean router
     probability of e, over the (unpadded) tokens of every layer. It is top_k when routing is uniform
     and grows as load concentrates; its gradient flows through P."""
-    E = router_logits[0].shape[-1]
-    m = None if mask is None else mask.reshape(-1).to(router_logits[0].dtype)
-    f = torch.zeros(E, dtype=torch.float32, device=router_logits[0].device)
-    p = torch.zeros(E, dtype=torch.float32, device=router_logits[0].device)
-    n = 0.0
+    first = router_logits[0]
+    E = first.shape[-1]
+    w = (torch.ones(len(first), device=first.device) if mask is None else mask.reshape(-1).float())[:, None]
+    f = torch.zeros(E, dtype=torch.float32, device=first.device)
+    p = torch.zeros(E, dtype=torch.float32, device=first.device)
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
-        w = torch.ones(len(probs), device=probs.device) if m is None else m.float()
-        f = f + (chosen * w[:, None]).sum(0)
-        p = p + (probs * w[:, None]).sum(0)
-        n = n + w.sum()
+        f = f + (chosen * w).sum(0)
+        p = p + (probs * w).sum(0)
+    n = w.sum() * len(router_logits)
     return E * ((f / n) * (p / n)).sum()
 
 
 def expert_shares(router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[layers, E]: the share of each layer's top-k assignments that each expert received."""
     out = []
+    first = router_logits[0]
+    keep = torch.ones(len(first), dtype=torch.bool, device=first.device) if mask is None else mask.reshape(-1)
     for logits in router_logits:
         chosen = logits.topk(top_k, dim=-1).indices
-        keep = torch.ones(len(logits), dtype=torch.bool, device=logits.device) if mask is None else mask.reshape(-1)
         counts = torch.bincount(chosen[keep].reshape(-1), minlength=logits.shape[-1]).float()
         out.append(counts / counts.sum().clamp_min(1))
     return torch.stack(out)

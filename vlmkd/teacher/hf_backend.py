@@ -8,14 +8,15 @@ vision attention, and visual-token hidden states, optionally through a fixed see
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 from transformers import AutoConfig
 
 from vlmkd.cache import format as fmt
-from vlmkd.data.dataset import Item, collate, model_inputs
+from vlmkd.data.dataset import Item, collate, encode_samples, model_inputs
+from vlmkd.data.manifest import Turn
 from vlmkd.models.build import data_tokenizer, load_model
 from vlmkd.models.probe import probe, visual_rows
 
@@ -162,11 +163,6 @@ class HFTeacher:
         """For samples with a `rejected` answer (LLaVA-MoD preference pairs): the teacher's per-token
         log-probs of the chosen response (from this batch's forward) and of the rejected one (a second
         teacher-forced forward of the same prompt with the wrong answer)."""
-        from dataclasses import replace
-
-        from vlmkd.data.dataset import encode_samples
-        from vlmkd.data.manifest import Turn
-
         idx = [b for b, it in enumerate(items) if "rejected" in it.sample.extra]
         if not idx:
             return {}

@@ -81,8 +81,9 @@ def choose_backend(name: str, teacher: Path) -> str:
     return chosen
 
 
-def check_settings(settings, backend: str) -> None:
-    """Refuse what a backend cannot extract, before any work."""
+def check_settings(settings, backend: str, pairs_in: Path | None = None) -> None:
+    """Refuse what a backend cannot extract, before any work; `pairs_in`: the data manifest, when it
+    holds preference pairs."""
     if settings.logits not in ("topk", "sampled"):
         raise CacheError(f"--logits {settings.logits!r}: choose topk or sampled")
     if settings.logits == "sampled":
@@ -95,6 +96,9 @@ def check_settings(settings, backend: str) -> None:
             # cache itself, and full-vocabulary prompt log-probs come back as per-token Python dicts
             raise CacheError("--logits sampled draws from the teacher's full distribution, which the vLLM backend "
                              "does not return (only its top-k): use --backend hf (or --logits topk with vLLM)")
+    if pairs_in is not None and backend == "vllm":
+        raise CacheError(f"{pairs_in} holds preference pairs (`rejected` answers); the vLLM backend does not score "
+                         "them: use --backend hf")
 
 
 def make_backend(job: CacheJob, backend: str):
@@ -118,10 +122,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         backend = "hf"  # the only backend with the full distribution and pair scoring (check_settings says why)
     else:
         backend = teacher.name if teacher is not None else choose_backend(job.backend, Path(job.teacher))
-    check_settings(job.settings, backend)
-    if pairs and backend == "vllm":
-        raise CacheError(f"{job.data} holds preference pairs (`rejected` answers); the vLLM backend does not score "
-                         "them: use --backend hf")
+    check_settings(job.settings, backend, Path(job.data) if pairs else None)
     start, end = part_range(len(rows), job.num_parts, job.part_index)
     # the fingerprint comes from the files, so a finished cache is recognised without starting a backend
     cfg = AutoConfig.from_pretrained(str(job.teacher))

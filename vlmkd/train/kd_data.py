@@ -105,11 +105,7 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             qpos[i, :q] = torch.from_numpy(s["qpos"])
             qmask[i, :q] = True
         batch.update(t_attn=t_attn.mean(2), t_qpos=qpos, t_qmask=qmask)
-    if any("r_input_ids" in s for s in samples):
-        missing = [s["id"] for s in samples if "r_input_ids" not in s]
-        if missing:
-            raise CacheError(f"samples {missing[:3]} have no preference pair in the cache (`rejected` in the data "
-                             "manifest); the `pref` term needs one for every sample of its stage")
+    if "r_input_ids" in samples[0]:  # the reader refuses a sample without the pref payload it was asked for
         r_ids, r_attn, r_lab = _right_pad([s["r_input_ids"] for s in samples], pad_id,
                                           [s["r_response"] for s in samples])
         batch.update(r_input_ids=r_ids, r_attention_mask=r_attn, r_labels_mask=r_lab,

@@ -82,6 +82,7 @@ class KDObjective(Objective):
         if "feat" in terms:
             self.proj["feat"] = torch.nn.Linear(s_dim, t_dim, bias=False)
         self.stage_steps = {st.name: st.steps for st in stages}
+        self._stats: dict[str, float] = {}  # router loads of the last forward (MoE students)
         self.sampled = ext.get("logits", "topk") == "sampled"
         if self.sampled:
             for st in stages:
@@ -210,7 +211,7 @@ class KDObjective(Objective):
         return terms
 
     def stats(self) -> dict[str, float]:
-        return dict(getattr(self, "_stats", {}))
+        return dict(self._stats)
 
 
 def _rows_kd(states, head, mask, ids, lps, tail, impl, **kd_args) -> torch.Tensor:

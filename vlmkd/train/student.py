@@ -20,13 +20,13 @@ from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import load_recipe
 
 
-def _student(recipe, cache_dir: Path):
+def _student(recipe, manifest: dict):
     """A student built from the recipe's `model:` (with the teacher's tokenizer, which the cache
     stores ids of) or loaded from `model: {path: DIR}`."""
     spec = recipe.model
     if "path" in spec:
         return load_model(spec["path"])
-    teacher = CacheReader(cache_dir, payloads=()).manifest.get("teacher_path")
+    teacher = manifest.get("teacher_path")
     tok_dir = spec.get("tokenizer") or teacher
     if not tok_dir:
         raise RecipeError("the recipe's model needs `tokenizer: DIR` (the cache does not record the teacher's path)")
@@ -44,10 +44,11 @@ def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | Non
     if seed is not None:
         recipe.seed = seed
         recipe.model = {**recipe.model, "init_seed": seed}
-    model, hf_tok = _student(recipe, Path(cache))
+    manifest = CacheReader(cache, payloads=()).manifest
+    model, hf_tok = _student(recipe, manifest)
     tok, layout = data_tokenizer(model, hf_tok)
     # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
-    mode = CacheReader(cache, payloads=()).manifest["extraction"].get("logits", "topk")
+    mode = manifest["extraction"].get("logits", "topk")
     reader = CacheReader(cache, payloads=needed_payloads(recipe.stages, mode), verify=verify,
                          shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
     reader.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")

@@ -113,6 +113,8 @@ def test_balance_loss_matches_float64_reference_and_transformers():
     assert float(load_balance_loss(layers, 2)) == pytest.approx(_balance_ref(layers, 2, torch.ones_like(mask)), rel=1e-6)
     (grad,) = torch.autograd.grad(got, layers[0])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the gradient (through the router probabilities; the top-k choice is piecewise constant)
+    assert torch.autograd.gradcheck(lambda x: load_balance_loss([x, *layers[1:]], 2, mask), (layers[0],))
     shares = expert_shares(layers, 2, mask)
     assert torch.allclose(shares.sum(-1), torch.ones(3, dtype=shares.dtype))
 

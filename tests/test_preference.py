@@ -97,3 +97,19 @@ def test_student_trains_with_the_preference_term(pref_cache, shapes_dir, tmp_pat
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     pref = [r["loss_pref"] for r in rows if r["kind"] == "train"]
     assert len(pref) == 30 and sum(pref[-5:]) < sum(pref[:5])
+
+
+def test_sequence_logprob_against_float64_loop_and_gradcheck():
+    """The student side of the pref term: the summed log-prob of each row's response tokens."""
+    from vlmkd.train.objectives import sequence_logprob
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 6, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, 3:5] = mask[1, 1] = mask[2, 5] = True
+    got = sequence_logprob(logits, ids, mask)
+    want = [sum(float(torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]]) for t in range(1, 6) if mask[b, t])
+            for b in range(3)]
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: sequence_logprob(x, ids, mask), (logits,))

@@ -112,11 +112,12 @@ def load_balance_loss(router_logits: list[torch.Tensor], top_k: int, mask: torch
     and grows as load concentrates; its gradient flows through P."""
     first = router_logits[0]
     E = first.shape[-1]
-    w = (torch.ones(len(first), device=first.device) if mask is None else mask.reshape(-1).float())[:, None]
-    f = torch.zeros(E, dtype=torch.float32, device=first.device)
-    p = torch.zeros(E, dtype=torch.float32, device=first.device)
+    acc = torch.promote_types(first.dtype, torch.float32)  # half precision is summed in float32
+    w = (torch.ones(len(first), device=first.device) if mask is None else mask.reshape(-1)).to(acc)[:, None]
+    f = torch.zeros(E, dtype=acc, device=first.device)
+    p = torch.zeros(E, dtype=acc, device=first.device)
     for logits in router_logits:
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits.to(acc), dim=-1)
         chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
         f = f + (chosen * w).sum(0)
         p = p + (probs * w).sum(0)

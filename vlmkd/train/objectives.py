@@ -226,5 +226,6 @@ def _rows_kd(states, head, mask, ids, lps, tail, impl, **kd_args) -> torch.Tenso
 
 def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
     """[B]: the summed log-prob of each row's response tokens (position t predicted at t - 1)."""
-    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-    return (lp * labels_mask[:, 1:]).sum(-1)
+    z = logits[:, :-1]
+    lp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), -1).gather(-1, input_ids[:, 1:, None])
+    return (lp[..., 0] * labels_mask[:, 1:]).sum(-1)

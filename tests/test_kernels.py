@@ -105,3 +105,13 @@ def test_best_impl_picks_triton_only_on_cuda():
         assert best_impl(torch.device("cuda")) == "triton"
     with pytest.raises(ValueError, match="unknown implementation"):
         linear_sparse_kd(*_case(SEED)[:5], impl="cuda")
+
+
+def test_default_chunk_rules():
+    from vlmkd.kernels.chunked_kd import default_chunk
+
+    assert default_chunk(4096, 32000, 896, cuda=False) == (1 << 21) // 32000
+    for N, V, D in [(16384, 151936, 896), (4096, 32000, 2048), (100, 440, 64), (1, 262144, 4096)]:
+        rows = default_chunk(N, V, D, cuda=True)
+        assert rows == N or (rows * V >= 1 << 26 and rows & (rows - 1) == 0), (N, V, D, rows)
+        assert 1 <= rows <= N

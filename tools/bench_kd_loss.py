@@ -12,6 +12,8 @@ made) above its RSS with the inputs in place: what the loss itself allocates, as
 implementation and shape); CUDA peak memory is torch.cuda.max_memory_allocated.
 
     python tools/bench_kd_loss.py --device cpu --quick --json out.json
+    python tools/bench_kd_loss.py --shapes 4096,32000,896,64 --chunks 256,4096   # on a GPU
+    python tools/bench_kd_loss.py --profile 16384,151936,896,64                  # on a GPU
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def run_impl(impl, h, w, ids, lp, tail):
                         teacher_tail=tail[None])
     elif impl == "chunked":
         loss = linear_sparse_kd(h, w, ids, lp, tail, impl="torch")
-    elif impl == "triton":
-        loss = linear_sparse_kd(h, w, ids, lp, tail, impl="triton")
+    elif impl.startswith("triton"):  # "triton" (the default chunk) or "triton@ROWS"
+        rows = int(impl.split("@")[1]) if "@" in impl else None
+        loss = linear_sparse_kd(h, w, ids, lp, tail, impl="triton", chunk=rows)
     elif impl == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -119,6 +122,18 @@ def check(impl, shape, device, seed) -> float:
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(b, a, strict=True))
 
 
+def profile(shape, seed) -> None:
+    """Where the triton path's time goes on one shape: CUDA kernels and host time, largest first."""
+    h, w, ids, lp, tail = make(*shape, "cuda", torch.bfloat16, seed)
+    run_impl("triton", h, w, ids, lp, tail)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_impl("triton", h, w, ids, lp, tail)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=48))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,16 +142,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shapes", nargs="+", metavar="T,V,H,K", help="tokens,vocab,hidden,k (default: the grid)")
+    ap.add_argument("--chunks", default="", help="CUDA: also time triton at these rows per chunk, e.g. 256,4096")
+    ap.add_argument("--profile", metavar="T,V,H,K", help="CUDA: print torch.profiler's table for triton here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--shape", type=int, nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
-    shapes = QUICK if args.quick else FULL
+    if args.profile:
+        return profile(tuple(int(x) for x in args.profile.split(",")), args.seed)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else QUICK if args.quick else FULL
     impls = ["naive", "chunked"]
     if args.device == "cuda":
-        impls.append("triton")
+        impls += ["triton"] + [f"triton@{r}" for r in args.chunks.split(",") if r]
         try:
             import liger_kernel  # noqa: F401
 
@@ -147,7 +167,7 @@ def main() -> None:
     rows = []
     print(f"{'impl':>10} {'tokens':>6} {'vocab':>7} {'hidden':>6} {'k':>3} {'time ms':>9} {'peak MB':>9} {'err':>8}")
     for shape in shapes:
-        errs = {i: check(i, shape, args.device, args.seed) for i in impls if i in ("chunked", "triton")}
+        errs = {i: check(i, shape, args.device, args.seed) for i in impls if i == "chunked" or i.startswith("triton")}
         for impl in impls:
             if args.device == "cpu":
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--shape", *map(str, shape),

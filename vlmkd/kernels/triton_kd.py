@@ -1,4 +1,4 @@
-"""Triton kernels for one chunk of LM-head + sparse-target KD: logits in, loss and dL/dlogits out, in place.
+"""Triton kernels for LM-head + sparse-target KD: per chunk of logits, statistics out, then dL/dlogits in place.
 
 Per row of a chunk's logits z [C, V] the loss needs only lse = logsumexp(z / tau) and z at the
 teacher's k ids; its gradient is dense only through lse:
@@ -6,9 +6,11 @@ teacher's k ids; its gradient is dense only through lse:
     dL/dz_v = g_lse * softmax(z / tau)_v / tau + sum_j g_j [v == id_j],  (g_lse, g_j) = dL/d(lse, z_ids)
 
 Kernel 1 streams each row once (online max and sum over vocabulary blocks) and gathers the k logits;
-the k + 1-bucket divergence and (g_lse, g_j) come from `vlmkd.losses.logit` on [C, k + 1] tensors (the
-same formulas as every other path, autograd on a tiny graph); kernel 2 streams the row again and
-overwrites z with dL/dz (dense part), then adds the k sparse terms. The matmuls around it (z = h W^T,
+the k + 1-bucket divergence and (g_lse, g_j) come from `vlmkd.losses.logit` on [N, k + 1] tensors (the
+same formulas as every other path, autograd on a tiny graph, once for all rows); kernel 2 streams the
+row again and overwrites z with dL/dz (dense part), then adds the k sparse terms. Two passes over the
+chunks (`vlmkd.kernels.chunked_kd`): the chunk's logits are computed twice (4 matmuls, not 3), because
+the small graph per chunk cost ~2 ms of host time on an H100, more than the chunk's GPU work. The matmuls around it (z = h W^T,
 dL/dh = G W, dL/dW += G^T h) stay cuBLAS: a fully fused matmul cannot keep a [rows x hidden] gradient
 accumulator on chip at hidden sizes of 896-2,048 (the Liger-Kernel design, for the same reason).
 
@@ -28,11 +30,12 @@ _NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _lse_gather_kernel(z_ptr, z_stride, ids_ptr, ids_stride, lse_ptr, zid_ptr, V, K, inv_tau,
+def _lse_gather_kernel(z_ptr, z_stride, ids_ptr, ids_stride, lse_ptr, zid_ptr, V, K, inv_tau_ptr,
                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * z_stride
     acc = lse_ptr.dtype.element_ty  # float32, or float64 for float64 logits (the tests' exact mode)
+    inv_tau = tl.load(inv_tau_ptr)  # from memory: a Python float argument would arrive as float32
     m = tl.full([BLOCK_V], _NEG, acc)
     s = tl.zeros([BLOCK_V], acc)
     for start in range(0, V, BLOCK_V):
@@ -52,11 +55,12 @@ def _lse_gather_kernel(z_ptr, z_stride, ids_ptr, ids_stride, lse_ptr, zid_ptr, V
 
 
 @triton.jit
-def _grad_kernel(z_ptr, z_stride, lse_ptr, glse_ptr, ids_ptr, ids_stride, gid_ptr, V, K, inv_tau,
+def _grad_kernel(z_ptr, z_stride, lse_ptr, glse_ptr, ids_ptr, ids_stride, gid_ptr, V, K, inv_tau_ptr,
                  BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * z_stride
     acc = lse_ptr.dtype.element_ty
+    inv_tau = tl.load(inv_tau_ptr)
     lse = tl.load(lse_ptr + row)
     g = tl.load(glse_ptr + row) * inv_tau
     for start in range(0, V, BLOCK_V):
@@ -84,30 +88,52 @@ def _blocks(V: int, K: int) -> tuple[int, int, int]:
     return block_v, triton.next_power_of_2(max(K, 1)), 16 if block_v >= 8192 else 8
 
 
-def chunk_loss_grad(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, loss: str,
-                    temperature: float, beta: float, alpha: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale x summed divergence over the chunk's rows, dL/dz) for a chunk's logits z [C, V]; z is
-    overwritten with dL/dz and returned (no second [C, V] buffer)."""
+def _check(z: torch.Tensor) -> None:
     if not (z.is_cuda or interpreting()):
         raise RuntimeError("the Triton KD kernels need a CUDA tensor, or TRITON_INTERPRET=1 on the CPU")
+
+
+def _stat_dtype(z: torch.Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def lse_gather(z: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
+               z_ids: torch.Tensor) -> None:
+    """Pass 1 on a chunk's logits z [C, V]: lse [C] = logsumexp(z / tau) and z_ids [C, k] = z at the
+    teacher's ids, written into the given rows of the call's statistics."""
+    _check(z)
     C, V = z.shape
     K = ids.shape[1]
-    z = z.contiguous()
-    ids = ids.contiguous()
-    stat = torch.float64 if z.dtype == torch.float64 else torch.float32
-    lse = torch.empty(C, dtype=stat, device=z.device)
-    z_ids = torch.empty(C, K, dtype=stat, device=z.device)
+    z, ids = z.contiguous(), ids.contiguous()
     block_v, block_k, warps = _blocks(V, K)
-    inv_tau = 1.0 / temperature
+    inv_tau = torch.full((1,), 1.0 / temperature, dtype=lse.dtype, device=z.device)
     _lse_gather_kernel[(C,)](z, z.stride(0), ids, ids.stride(0), lse, z_ids, V, K, inv_tau,
                              BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
+
+
+def bucket_grads(lse: torch.Tensor, z_ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, V: int, loss: str,
+                 temperature: float, beta: float, alpha: float, scale: float):
+    """The (k+1)-bucket divergence of every row from its statistics, summed and scaled, and its
+    gradients (g_lse [N], g_zid [N, k]): one small autograd graph per call, not per chunk (host time)."""
     with torch.enable_grad():
         lse_v = lse.detach().requires_grad_(True)
         zid_v = z_ids.detach().requires_grad_(True)
-        lpb, lqb, _ = bucket_logprobs_from_lse(zid_v, lse_v, lp.to(stat), tail.to(stat), temperature,
-                                               full_vocab=K >= V)
+        lpb, lqb, _ = bucket_logprobs_from_lse(zid_v, lse_v, lp.to(lse.dtype), tail.to(lse.dtype), temperature,
+                                               full_vocab=z_ids.shape[1] >= V)
         part = divergence(lpb, lqb, loss, beta, alpha).sum() * scale
     g_zid, g_lse = torch.autograd.grad(part, (zid_v, lse_v))
-    _grad_kernel[(C,)](z, z.stride(0), lse, g_lse.contiguous(), ids, ids.stride(0), g_zid.contiguous(), V, K,
-                       inv_tau, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
-    return part.detach(), z
+    return part.detach(), g_lse.contiguous(), g_zid.contiguous()
+
+
+def grad_in_place(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor, g_zid: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Pass 2 on a chunk's logits z [C, V] (contiguous): overwritten with dL/dz and returned."""
+    _check(z)
+    C, V = z.shape
+    K = ids.shape[1]
+    ids = ids.contiguous()
+    block_v, block_k, warps = _blocks(V, K)
+    inv_tau = torch.full((1,), 1.0 / temperature, dtype=lse.dtype, device=z.device)
+    _grad_kernel[(C,)](z, z.stride(0), lse, g_lse, ids, ids.stride(0), g_zid, V, K, inv_tau,
+                       BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
+    return z

@@ -53,22 +53,33 @@ def tiny_model_dir(tmp_path_factory, hf_tok):
     return save_model(model, hf_tok, tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(scope="session")
-def trained_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir):
-    """A tiny teacher trained briefly, so that its distributions carry something to distil."""
+def _train_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir, seed: int, steps: int):
     from vlmkd.data.rejects import RejectLog
     from vlmkd.models.build import build_model, data_tokenizer
     from vlmkd.train.loop import ItemSource, train
     from vlmkd.train.prepare import load_items
     from vlmkd.train.recipe import parse_recipe
 
-    recipe = parse_recipe({"name": "tiny_teacher", "model": TINY_IDEFICS3, "eval_every": 1000, "save_every": 1000,
-                           "stages": [{"name": "sft", "steps": 60, "lr": 3e-3, "warmup": 5, "batch_size": 16}]})
-    model = build_model(TINY_IDEFICS3, hf_tok)
+    recipe = parse_recipe({"name": "tiny_teacher", "model": {**TINY_IDEFICS3, "init_seed": seed}, "seed": seed,
+                           "eval_every": 1000, "save_every": 1000,
+                           "stages": [{"name": "sft", "steps": steps, "lr": 3e-3, "warmup": 5, "batch_size": 16}]})
+    model = build_model(recipe.model, hf_tok)
     tok, layout = data_tokenizer(model, hf_tok)
     items = load_items(shapes_dir / "train.json", tok, layout, RejectLog(None), show=False)
     val = load_items(shapes_dir / "val.json", tok, layout, RejectLog(None), show=False)
-    run = tmp_path_factory.mktemp("tiny_teacher")
-    res = train(recipe, model, hf_tok, tok, layout, ItemSource(items, layout, tok.pad_id, 0), val[:8], run,
+    run = tmp_path_factory.mktemp(f"tiny_teacher{seed}")
+    res = train(recipe, model, hf_tok, tok, layout, ItemSource(items, layout, tok.pad_id, seed), val[:8], run,
                 model_out=run / "teacher")
     return res.model_dir
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir):
+    """A tiny teacher trained briefly, so that its distributions carry something to distil."""
+    return _train_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir, seed=0, steps=60)
+
+
+@pytest.fixture(scope="session")
+def second_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir):
+    """Another teacher (other initialisation, other data order, fewer steps): several-teacher tests."""
+    return _train_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir, seed=1, steps=40)

@@ -42,10 +42,12 @@ def sparse_kd_ref(z, ids, lps, mask, loss, tau=1.0, beta=0.5, alpha=0.1, tail=No
             ex = [math.exp(v - mx) for v in row]
             s = sum(ex)
             q = [e / s for e in ex]
-            chosen = [int(i) for i in ids[b, t]]
+            # a -inf teacher log-prob marks a padding slot: not an id of the row
+            keep = [j for j in range(ids.shape[-1]) if math.isfinite(float(lps[b, t, j]))]
+            chosen = [int(ids[b, t, j]) for j in keep]
             Q = [q[i] for i in chosen]
             rest = sum(q[j] for j in range(V) if j not in set(chosen))
-            P = [math.exp(float(v)) for v in lps[b, t]]
+            P = [math.exp(float(lps[b, t, j])) for j in keep]
             p_rest = math.exp(float(tail[b, t])) if tail is not None else 1 - sum(P)
             has_tail = len(set(chosen)) < V
             if has_tail:
@@ -112,3 +114,21 @@ def encode_topk_layout1(pos, ids, logprobs, tail, vocab_size):
     body = [pos.astype("<i4"), lp_max.astype("<f4"), tail.astype("<f4"),
             np.diff(sids, axis=-1, prepend=0).astype(dt), np.take_along_axis(code, order, -1)]
     return zstandard.ZstdCompressor().compress(head + b"".join(np.ascontiguousarray(a).tobytes() for a in body))
+
+
+def info_nce_ref(s, t, tau, symmetric=True):
+    """InfoNCE by hand: cosine similarity of every pair, a softmax per row (and per column)."""
+    B = s.shape[0]
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    S = [[cos(s[i].tolist(), t[j].tolist()) / tau for j in range(B)] for i in range(B)]
+
+    def ce(rows):
+        return sum(-rows[i][i] + math.log(sum(math.exp(v) for v in rows[i])) for i in range(B)) / B
+
+    fwd = ce(S)
+    if not symmetric:
+        return fwd
+    return 0.5 * (fwd + ce([[S[j][i] for j in range(B)] for i in range(B)]))

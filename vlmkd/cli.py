@@ -164,6 +164,9 @@ def cache_teacher(
     draws: int | None = typer.Option(None, help="--logits sampled: draws per scored position (default 50)"),
     proposal_temperature: float | None = typer.Option(None, help="--logits sampled: draw from p^(1/t) (default 1)"),
     score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
+    hidden_points: str | None = typer.Option(None, help="visual hidden states to store, e.g. projector,final,"
+                                                        "layer:3 (default projector,final; layer maps)"),
+    text_pool: bool | None = typer.Option(None, help="store the pooled text hidden state (contrastive text term)"),
     num_shards: int = typer.Option(1, help="split the data into N jobs (N GPUs or nodes)"),
     shard_index: int = typer.Option(0, help="which of the N jobs this is"),
     samples_per_shard: int = typer.Option(2048),
@@ -180,7 +183,8 @@ def cache_teacher(
 
     _threads(threads)
     settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size, logits=logits,
-                               draws=draws, proposal_temperature=proposal_temperature)
+                               draws=draws, proposal_temperature=proposal_temperature, text_pool=text_pool,
+                               hidden_points=hidden_points.split(",") if hidden_points else None)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
                            max_shard_mb * 2**20, strict, overwrite, tensor_parallel_size=tensor_parallel_size,
                            data_parallel_size=data_parallel_size))
@@ -236,8 +240,15 @@ def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wr
 @app.command("train-student")
 def train_student(
     recipe: Path = typer.Option(..., help="pipelines/*.yaml: student model, stages, losses"),
-    cache: Path = typer.Option(..., help="the teacher cache to learn from"),
+    cache: list[Path] = typer.Option(..., help="the teacher cache to learn from; repeat for several teachers "
+                                              "over the same data (the first streams images and features)"),
     out: Path = typer.Option(..., help="run folder: checkpoints, metrics, the student (HF format) in OUT/model"),
+    teacher_weights: str | None = typer.Option(None, help="several caches: mixture weights, e.g. 0.7,0.3 "
+                                                          "(default equal)"),
+    teacher_mix: str = typer.Option("average", help="several caches: average (weighted mixture over the union "
+                                                     "of ids) or confidence (per position, the surest teacher)"),
+    allow_partial: bool = typer.Option(False, help="several caches holding different samples: train on the "
+                                                   "shared ones (the rest recorded in OUT/rejects.jsonl)"),
     val: Path | None = typer.Option(None, help="validation manifest (default: val.json beside the cached data)"),
     max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
     seed: int | None = typer.Option(None),
@@ -251,7 +262,9 @@ def train_student(
     from vlmkd.train.student import train_student_run
 
     _threads(threads)
-    res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify, stop_after=stop_after)
+    weights = [float(x) for x in teacher_weights.split(",")] if teacher_weights else None
+    res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify, stop_after=stop_after,
+                            teacher_weights=weights, teacher_mix=teacher_mix, allow_partial=allow_partial)
     if stop_after and res.model_dir.name == "checkpoint":
         console.print(f"stopped after {res.steps} steps; checkpoint in {res.model_dir}; re-run to resume")
         return

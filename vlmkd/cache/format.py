@@ -63,6 +63,8 @@ MEMBERS = {
     "sampled.bin.zst": "header, pos, n, ids (sorted, gap-coded, byte planes), count, lp, logz (see module docstring)",
     "attn.npy.zst": "qpos int32 [Q], attn float16 [L, H or 1, Q, N_v]",
     "hidden.npy.zst": "hidden float16 [P, N_v, D or r] for the manifest's hidden points",
+    "pooled.npy.zst": "text float16 [D or r]: the mean of the teacher's final hidden states over the prompt's text "
+                      "tokens (not visual, not response): contrastive alignment",
     "pref.npy.zst": "rejected input_ids int32 [T'], flags uint8 [T'], teacher log-probs float32 of the chosen [Tc] "
                     "and rejected [Tr] response tokens (LLaVA-MoD preference pairs)",
 }
@@ -333,12 +335,22 @@ def decode_pref(blob: bytes) -> dict[str, np.ndarray]:
             "pref_chosen_lp": c, "pref_rejected_lp": r}
 
 
+def encode_pooled(text: np.ndarray) -> bytes:
+    return pack_arrays(text.astype(np.float16))
+
+
+def decode_pooled(blob: bytes) -> dict[str, np.ndarray]:
+    (text,) = unpack_arrays(blob, 1)
+    return {"pooled_text": text}
+
+
 DECODERS = {
     "tokens": decode_tokens,
     "topk": decode_topk,
     "sampled": decode_sampled,
     "attn": decode_attn,
     "hidden": decode_hidden,
+    "pooled": decode_pooled,
     "pref": decode_pref,
 }
 

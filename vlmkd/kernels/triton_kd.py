@@ -74,6 +74,9 @@ def _grad_kernel(z_ptr, z_stride, lse_ptr, glse_ptr, ids_ptr, ids_stride, gid_pt
     km = ko < K
     ids = tl.load(ids_ptr + row * ids_stride + ko, mask=km, other=0)
     gi = tl.load(gid_ptr + row * K + ko, mask=km, other=0.0)
+    # padding slots (gradient 0) may repeat a real id of the row: skipped, so that they cannot race
+    # with that id's read-modify-write
+    km = km & (gi != 0.0)
     cur = tl.load(base + ids, mask=km, other=0.0).to(acc)
     tl.store(base + ids, (cur + gi).to(z_ptr.dtype.element_ty), mask=km)
 

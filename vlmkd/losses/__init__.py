@@ -4,6 +4,7 @@ See docs/API.md for arguments, shapes and reductions.
 """
 
 from vlmkd.losses.attention import attention_kd, focus_align, resample_grid, text_focus
+from vlmkd.losses.contrastive import info_nce, pooled
 from vlmkd.losses.feature import feature_kd
 from vlmkd.losses.logit import LOSSES, SAMPLED_LOSSES, logit_kd, sampled_kd
 from vlmkd.losses.preference import preference_kd
@@ -18,8 +19,10 @@ __all__ = [
     "attention_kd",
     "feature_kd",
     "focus_align",
+    "info_nce",
     "linear_temperature",
     "logit_kd",
+    "pooled",
     "preference_kd",
     "relation_kd",
     "relation_matrix",

@@ -62,14 +62,18 @@ def bucket_logprobs_from_lse(
     The fused kernels compute only these two, never the row's full log-softmax."""
     lq_top = z_ids / temperature - lse.unsqueeze(-1)
     lp_top = teacher_logprobs.to(lq_top.dtype)
+    # a slot whose teacher log-prob is -inf is padding (several teachers' id unions differ in size per
+    # row), equivalently an id the teacher gives no mass: left out on both sides, its student mass
+    # stays in the student's tail bucket
+    slot = torch.isfinite(lp_top)
     if teacher_tail is None:
         teacher_tail = log1mexp(torch.logsumexp(lp_top, dim=-1))
     tail = teacher_tail.to(lq_top.dtype)
     # no tail bucket where the teacher's top-k holds all its mass, or the k ids are the whole vocabulary
-    valid = torch.isfinite(tail) & (not full_vocab)
+    valid = torch.isfinite(tail) & ~(slot.all(-1) & full_vocab)
     # the student's tail, log(1 - sum q_topk), only where it is a bucket and not numerically empty: the
     # log of 0 elsewhere would turn the masked-out gradient into 0 * inf = nan
-    top = torch.logsumexp(lq_top, dim=-1)
+    top = torch.logsumexp(lq_top.masked_fill(~slot, float("-inf")), dim=-1)
     ok = valid & (top < 0)
     floor = math.log(torch.finfo(lq_top.dtype).tiny)
     lq_tail = torch.where(ok, log1mexp(torch.where(ok, top, torch.full_like(top, -1.0))),
@@ -77,7 +81,7 @@ def bucket_logprobs_from_lse(
     lp = torch.cat([lp_top, tail.unsqueeze(-1)], dim=-1)
     lq = torch.cat([lq_top, lq_tail.unsqueeze(-1)], dim=-1)
     neg_inf = torch.finfo(lp.dtype).min
-    drop = torch.cat([torch.zeros_like(lp_top, dtype=torch.bool), (~valid).unsqueeze(-1)], dim=-1)
+    drop = torch.cat([~slot, (~valid).unsqueeze(-1)], dim=-1)
     lp = lp.masked_fill(drop, neg_inf)
     lq = lq.masked_fill(drop, neg_inf)
     if temperature != 1.0:
@@ -146,8 +150,9 @@ def logit_kd(
 ) -> torch.Tensor:
     """Sparse-teacher logit distillation.
 
-    student_logits [B, T, V]; teacher_ids [B, T, k] int64; teacher_logprobs [B, T, k] (at tau = 1; the
-    tail mass is 1 - sum exp unless `teacher_tail` [B, T] gives its log exactly); mask [B, T] bool.
+    student_logits [B, T, V]; teacher_ids [B, T, k] int64; teacher_logprobs [B, T, k] (at tau = 1, -inf
+    for a padding slot; the tail mass is 1 - sum exp unless `teacher_tail` [B, T] gives its log
+    exactly); mask [B, T] bool.
     Returns tau^2 x the divergence reduced over masked positions (`reduction`: token, sequence, batch).
     """
     if loss not in LOSSES:

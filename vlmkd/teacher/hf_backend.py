@@ -42,6 +42,7 @@ class Extraction:
     hidden_points: list[str] = field(default_factory=lambda: ["projector", "final"])
     hidden_dim: int | None = None  # reduce hidden states to r dims by a fixed seeded projection
     hidden_seed: int = 0
+    text_pool: bool = False  # the mean final hidden state over the prompt's text tokens (contrastive term)
     gram: bool = True
     batch_size: int = 32
 
@@ -116,6 +117,8 @@ class HFTeacher:
         s = self.settings
         batch = collate(items, self.layout, self.tok.pad_id)
         points = [p for p in s.hidden_points if self.covers(p)]
+        if s.text_pool and self.covers("final") and "final" not in points:
+            points.append("final")
         with probe(self.model, batch["attention_mask"], s.attn_layers, points) as pr:
             logits = self.model(**model_inputs(batch)).logits
         out = []
@@ -153,6 +156,10 @@ class HFTeacher:
                     h = visual_rows(pr, point, batch["image_mask"])[b].float()
                     hs.append(h @ self.proj if self.proj is not None else h)
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
+            if s.text_pool and self.covers("final"):
+                text = torch.from_numpy(~enc.image_mask.astype(bool) & ~enc.labels_mask.astype(bool))
+                v = pr.hidden["final"][b, :T][text].float().mean(0)
+                members["pooled"] = fmt.encode_pooled((v @ self.proj if self.proj is not None else v).numpy())
             out.append({**sample_head(it, pos), **members} if self.with_topk else members)
         if self.with_topk:
             for b, pair in self._preference_pairs(items, logits).items():

@@ -159,7 +159,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         manifest["teacher_path"] = str(job.teacher)
         manifest["payload_backends"] = getattr(teacher, "payload_backends",
                                                {p: teacher.name for p in ("tokens", job.settings.logits, "attn",
-                                                                          "hidden")})
+                                                                          "hidden", "pooled")})
     cursor = manifest["shards"][-1]["end"] if manifest["shards"] else start
     prefix = "shard-" if job.num_parts == 1 else f"part{job.part_index:03d}-"
     bs = job.settings.batch_size

@@ -46,7 +46,7 @@ def vllm_available(model_dir) -> tuple[bool, str]:
 
 def aux_layers(settings: Extraction) -> int | None:
     """How deep the transformers pass must go for the attention and hidden payloads (None: all)."""
-    if "final" in settings.hidden_points:
+    if "final" in settings.hidden_points or settings.text_pool:
         return None
     need = [li + 1 for li in settings.attn_layers]
     need += [int(m.group(1)) + 1 for p in settings.hidden_points if (m := re.fullmatch(r"layer:(\d+)", p))]
@@ -81,10 +81,10 @@ class VLLMTeacher:
             kwargs["data_parallel_size"] = data_parallel_size
         self.llm = LLM(**kwargs)
         self.aux = None
-        if settings.attn_layers or settings.hidden_points or settings.gram:
+        if settings.attn_layers or settings.hidden_points or settings.gram or settings.text_pool:
             self.aux = HFTeacher(model_dir, settings, num_layers=aux_layers(settings), with_topk=False)
         self.model = self.aux.model if self.aux else None
-        self.payload_backends = {"tokens": "vllm", "topk": "vllm", "attn": "hf", "hidden": "hf"}
+        self.payload_backends = {"tokens": "vllm", "topk": "vllm", "attn": "hf", "hidden": "hf", "pooled": "hf"}
 
     def lm_head_gram(self) -> np.ndarray:
         return self.aux.lm_head_gram()

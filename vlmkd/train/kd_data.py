@@ -21,6 +21,7 @@ from vlmkd.models.build import Layout
 from vlmkd.train.dist import dist_info
 from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
+from vlmkd.train.teachers import TeacherMix
 
 
 def needed_payloads(stages: list[Stage], logits: str = "topk") -> tuple[str, ...]:
@@ -31,8 +32,10 @@ def needed_payloads(stages: list[Stage], logits: str = "topk") -> tuple[str, ...
         need.append(logits)
     if terms & {"attn", "align"}:
         need.append("attn")
-    if terms & {"rel", "align", "feat"}:
+    if terms & {"rel", "align", "feat", "contrast"}:
         need.append("hidden")
+    if any("text" in st.loss_args.get("contrast_on", ()) for st in stages if st.losses.get("contrast")):
+        need.append("pooled")
     if "pref" in terms:
         need.append("pref")
     return tuple(need)
@@ -69,7 +72,7 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
              "pixel_values": px.unsqueeze(1) if layout.arch == "idefics3" else px}
     if "ids" in samples[0]:
         sampled = "weights" in samples[0]
-        k = max(s["ids"].shape[1] for s in samples)  # sampled rows hold different numbers of unique ids
+        k = max(s["ids"].shape[1] for s in samples)  # sampled rows and teacher mixtures vary in width
         t_ids = torch.zeros((B, T, k), dtype=torch.long)
         t_lp = torch.zeros((B, T, k)) if sampled else torch.full((B, T, k), -np.log(k), dtype=torch.float32)
         t_w = torch.zeros((B, T, k))
@@ -83,8 +86,9 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             if sampled:
                 t_w[i, pos, :m] = torch.from_numpy(s["weights"])
                 t_lp[i, pos, :m] = torch.from_numpy(np.nan_to_num(s["logprobs"], nan=0.0))
-            else:
-                t_lp[i, pos] = torch.from_numpy(s["logprobs"])
+            else:  # several teachers' unions differ in size: the extra slots are padding (-inf)
+                t_lp[i, pos, :m] = torch.from_numpy(s["logprobs"])
+                t_lp[i, pos, m:] = float("-inf")
                 t_tail[i, pos] = torch.from_numpy(s["tail"])
             resp_rows = np.flatnonzero(s["response"]) - 1
             t_res[i, torch.from_numpy(resp_rows)] = True
@@ -111,6 +115,8 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
         batch.update(r_input_ids=r_ids, r_attention_mask=r_attn, r_labels_mask=r_lab,
                      t_pref_chosen=torch.tensor([float(s["pref_chosen_lp"].astype(np.float64).sum()) for s in samples]),
                      t_pref_rejected=torch.tensor([float(s["pref_rejected_lp"].astype(np.float64).sum()) for s in samples]))
+    if "pooled_text" in samples[0]:
+        batch["t_text"] = torch.from_numpy(np.stack([s["pooled_text"].astype(np.float32) for s in samples]))
     if "hidden" in samples[0]:
         batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in samples]))
     return batch
@@ -133,8 +139,8 @@ def _right_pad(rows: list[np.ndarray], pad_id: int, *flags: list[np.ndarray]) ->
 class CacheSource:
     """Student batches streamed from a teacher cache, resumable at any micro-step."""
 
-    def __init__(self, reader: CacheReader, layout: Layout, pad_id: int):
-        self.reader, self.layout, self.pad_id = reader, layout, pad_id
+    def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None):
+        self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
@@ -143,6 +149,8 @@ class CacheSource:
             for s in self.reader.samples(epoch):
                 if not stage_accepts(stage, s.get("prompt", "")):
                     continue
+                if self.mix is not None and (s := self.mix.apply(s)) is None:
+                    continue  # not in every teacher's cache (--allow-partial; recorded in rejects.jsonl)
                 got += 1
                 seen += 1
                 if seen <= skip:

@@ -9,11 +9,16 @@ Terms (keys of a stage's `losses:`, each with its weight):
 - align: projected visual tokens aligned to the teacher's, weighted by text focus (Align-KD)
 - feat:  feature alignment at a hidden point through a learned linear map
 - balance: the MoE routers' load-balancing loss (LLaVA-MoD's sparse student; 0 while the LLM is dense)
+- contrast: InfoNCE between the student's and the teacher's pooled visual tokens (and pooled prompt
+         text, from a cache built with text_pool) across the batch, through a learned projection when
+         the widths differ
 - pref:  LLaVA-MoD preference distillation, DPO with the teacher as the reference: the student scores
          the chosen and the rejected answer of each cached pair (`pref_beta`, default 0.1)
 Options (`loss_args:`): logit_loss (fkl|rkl|jsd|skl|srkl|tvd), temperature (a number, or
 {start, end} for a linear schedule over the stage), beta, alpha, attn_kind (mse|kl), attn_layers,
-feat_kind (mse|cosine), feat_point (a cached hidden point name), logit_impl (auto|full|torch|triton:
+feat_kind (mse|cosine), feat_point (a cached hidden point name), layer_map (student -> teacher layer
+pairs for feat and attn: `vlmkd.train.layer_map`), contrast_on ([visual] or [visual, text]),
+contrast_tau (0.07), contrast_point (final), contrast_symmetric (true), logit_impl (auto|full|torch|triton:
 how ce/res/vis meet the LM head; auto = the fused Triton kernels on a CUDA device, the model's full
 logits elsewhere; torch/triton take only the scored rows' hidden states through
 `vlmkd.kernels.linear_sparse_kd`, never a [tokens x vocabulary] tensor).
@@ -34,8 +39,10 @@ from vlmkd.losses import (
     attention_kd,
     feature_kd,
     focus_align,
+    info_nce,
     linear_temperature,
     logit_kd,
+    pooled,
     preference_kd,
     relation_kd,
     sampled_kd,
@@ -45,10 +52,11 @@ from vlmkd.losses.sft import response_ce
 from vlmkd.models.moe import expert_shares, is_moe, load_balance_loss, record_router_logits
 from vlmkd.models.probe import probe, visual_rows
 from vlmkd.train.dist import is_sharded
+from vlmkd.train.layer_map import layer_pairs
 from vlmkd.train.loop import Objective
 from vlmkd.train.recipe import Stage
 
-TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat", "balance", "pref")
+TERMS = ("ce", "res", "vis", "rel", "attn", "align", "feat", "contrast", "balance", "pref")
 LOGIT_IMPLS = ("auto", "full", *IMPLS)
 
 
@@ -81,6 +89,39 @@ class KDObjective(Objective):
             self.proj["align"] = torch.nn.Linear(s_dim, t_dim, bias=False)
         if "feat" in terms:
             self.proj["feat"] = torch.nn.Linear(s_dim, t_dim, bias=False)
+        self.pairs: dict[str, list[tuple[int, int]]] = {}  # stage -> (student, teacher) layers
+        n_s, n_t = model.config.text_config.num_hidden_layers, man["teacher"].get("num_layers")
+        for st in stages:
+            a, on = st.loss_args, {k for k, v in st.losses.items() if v}
+            if "layer_map" in a:
+                if not on & {"feat", "attn"}:
+                    raise RecipeError(f"stage {st.name}: layer_map applies to the feat and attn terms; it has neither")
+                pairs = self.pairs[st.name] = layer_pairs(a["layer_map"], n_s, n_t)
+                need = [f"layer:{t}" for _, t in pairs if f"layer:{t}" not in self.points] if "feat" in on else []
+                if need:
+                    raise RecipeError(f"stage {st.name}: layer_map needs the teacher's hidden states at {need}; "
+                                      f"the cache has {self.points}: rebuild it with --hidden-points "
+                                      f"{','.join(dict.fromkeys([*self.points, *need]))}")
+                gone = sorted({t for _, t in pairs} - set(self.cached_attn_layers)) if "attn" in on else []
+                if gone:
+                    raise RecipeError(f"stage {st.name}: layer_map needs the teacher's attention at layers {gone}; "
+                                      f"the cache has {self.cached_attn_layers} (a recipe's cache: attn_layers)")
+                if "feat" in on:
+                    for ps, pt in pairs:
+                        self.proj[f"feat_{ps}_{pt}"] = torch.nn.Linear(s_dim, t_dim, bias=False)
+            if "contrast" in on:
+                where = set(a.get("contrast_on", ["visual"]))
+                if not where or where - {"visual", "text"}:
+                    raise RecipeError(f"stage {st.name}: contrast_on lists visual and/or text, not {sorted(where)}")
+                if "visual" in where and a.get("contrast_point", "final") not in self.points:
+                    raise RecipeError(f"stage {st.name}: contrast needs the cache's hidden point "
+                                      f"{a.get('contrast_point', 'final')!r}; it has {self.points}")
+                if "text" in where and not ext.get("text_pool"):
+                    raise RecipeError(f"stage {st.name}: contrast on text needs a cache built with --text-pool")
+                for side in where:
+                    if f"contrast_{side}" not in self.proj:
+                        self.proj[f"contrast_{side}"] = (torch.nn.Linear(s_dim, t_dim, bias=False) if s_dim != t_dim
+                                                        else torch.nn.Identity())
         self.stage_steps = {st.name: st.steps for st in stages}
         self._stats: dict[str, float] = {}  # router loads of the last forward (MoE students)
         self.sampled = ext.get("logits", "topk") == "sampled"
@@ -109,8 +150,17 @@ class KDObjective(Objective):
     def forward(self, stage: Stage, model, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
         w = {k: v for k, v in stage.losses.items() if v}
         a = stage.loss_args
+        pairs = self.pairs.get(stage.name)
         attn_layers = a.get("attn_layers", self.cached_attn_layers) if w.keys() & {"attn"} else []
+        if pairs and "attn" in w:
+            attn_layers = sorted({ps for ps, _ in pairs})
         hidden = set()
+        if "feat" in w and pairs:
+            hidden |= {f"layer:{ps}" for ps, _ in pairs}
+        if "contrast" in w:
+            hidden.add(a.get("contrast_point", "final"))
+            if "text" in a.get("contrast_on", ["visual"]):
+                hidden.add("final")
         if "rel" in w:
             hidden.add("final")
         if "align" in w:
@@ -196,18 +246,40 @@ class KDObjective(Objective):
                 vis_idx = batch["image_mask"].nonzero()[:, 1].reshape(B, n)
                 maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
             s_maps = torch.stack(maps, 1)
-            t_maps = batch["t_attn"][:, [self.cached_attn_layers.index(li) for li in attn_layers]]
+            if pairs:  # each pair's student map against its teacher layer's map
+                s_maps = s_maps[:, [attn_layers.index(ps) for ps, _ in pairs]]
+                t_maps = batch["t_attn"][:, [self.cached_attn_layers.index(pt) for _, pt in pairs]]
+            else:
+                t_maps = batch["t_attn"][:, [self.cached_attn_layers.index(li) for li in attn_layers]]
             terms["attn"] = attention_kd(s_maps, t_maps, qmask, a.get("attn_kind", "mse"))
         if "align" in w:
             s_vis = self.proj["align"](visual_rows(pr, "projector", batch["image_mask"]))
             t_vis = batch["t_hidden"][:, self.points.index("projector")]
             focus = text_focus(batch["t_attn"], qmask)
             terms["align"] = focus_align(s_vis, t_vis, focus)
-        if "feat" in w:
+        if "feat" in w and pairs:
+            terms["feat"] = sum(
+                feature_kd(self.proj[f"feat_{ps}_{pt}"](visual_rows(pr, f"layer:{ps}", batch["image_mask"])),
+                           batch["t_hidden"][:, self.points.index(f"layer:{pt}")], kind=a.get("feat_kind", "mse"))
+                for ps, pt in pairs) / len(pairs)
+        elif "feat" in w:
             point = a.get("feat_point", "final")
             s_f = self.proj["feat"](visual_rows(pr, point, batch["image_mask"]))
             terms["feat"] = feature_kd(s_f, batch["t_hidden"][:, self.points.index(point)],
                                        kind=a.get("feat_kind", "mse"))
+        if "contrast" in w:
+            tau, sym = a.get("contrast_tau", 0.07), a.get("contrast_symmetric", True)
+            parts = []
+            for side in a.get("contrast_on", ["visual"]):
+                if side == "visual":
+                    point = a.get("contrast_point", "final")
+                    s_vec = visual_rows(pr, point, batch["image_mask"]).mean(1)
+                    t_vec = batch["t_hidden"][:, self.points.index(point)].mean(1)
+                else:  # the prompt's text tokens, as the cache pooled them
+                    text = batch["attention_mask"].bool() & ~batch["image_mask"] & ~batch["labels_mask"]
+                    s_vec, t_vec = pooled(pr.hidden["final"], text), batch["t_text"]
+                parts.append(info_nce(self.proj[f"contrast_{side}"](s_vec), t_vec.to(s_vec.device), tau, sym))
+            terms["contrast"] = sum(parts) / len(parts)
         return terms
 
     def stats(self) -> dict[str, float]:

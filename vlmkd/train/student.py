@@ -18,6 +18,7 @@ from vlmkd.train.loop import TrainResult, train
 from vlmkd.train.objectives import KDObjective
 from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import load_recipe
+from vlmkd.train.teachers import TeacherMix
 
 
 def _student(recipe, manifest: dict):
@@ -36,10 +37,16 @@ def _student(recipe, manifest: dict):
     return build_model(spec, hf_tok), hf_tok
 
 
-def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | None = None,
+def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, val: Path | None = None,
                       max_steps: int | None = None, seed: int | None = None, verify: bool = True,
-                      shuffle_buffer: int = 256, stop_after: int | None = None) -> TrainResult:
+                      shuffle_buffer: int = 256, stop_after: int | None = None,
+                      teacher_weights: list[float] | None = None, teacher_mix: str = "average",
+                      allow_partial: bool = False) -> TrainResult:
+    """`cache`: one teacher cache, or several (different teachers over the same data: the first one
+    streams, the others' top-k targets join by sample id; `vlmkd.train.teachers`)."""
     init_from_env()  # under torchrun: join the process group
+    caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
+    cache, others = caches[0], caches[1:]
     recipe = load_recipe(recipe_path)
     if seed is not None:
         recipe.seed = seed
@@ -55,7 +62,11 @@ def train_student_run(recipe_path: Path, cache: Path, out: Path, val: Path | Non
     objective = KDObjective(model, reader, recipe.stages)
     val_path = val or Path(reader.manifest["data"]["manifest"]).with_name("val.json")
     out = Path(out)
+    mix = None
+    if others:
+        mix = TeacherMix(reader, [CacheReader(c, payloads=("tokens", "topk"), verify=verify) for c in others],
+                         teacher_weights, teacher_mix, allow_partial, RejectLog(out / "rejects.jsonl"))
     val_items = load_items(val_path, tok, layout, RejectLog(out / "rejects.jsonl"))
     with bar() as p:
-        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id), val_items, out,
+        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix), val_items, out,
                      objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)

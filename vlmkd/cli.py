@@ -93,6 +93,23 @@ def eval_cmd(
         console.print(f"wrote {json_out}")
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: Path = typer.Option(..., help="a trained student directory (Hugging Face format)"),
+    out: Path = typer.Option(..., help="folder for the quantised student"),
+    bits: int = typer.Option(4, help="4 or 8"),
+    group_size: int = typer.Option(32, help="input columns per scale; 0: one scale per output channel"),
+):
+    """Post-training quantisation: round the LLM's linear weights to integers (the QAT quantiser, no
+    training) and export them in the format `train-student` exports QAT students in."""
+    from vlmkd.models.build import load_model
+    from vlmkd.models.quant import QuantSpec, export_quantized
+
+    m, tok = load_model(model)
+    spec = QuantSpec.parse({"bits": bits, "group_size": group_size or None})
+    console.print(f"wrote {export_quantized(m, spec, tok, out)} ({spec.tag}, compressed-tensors pack-quantized)")
+
+
 SHORT = {"color_of_shape": "color(shape)", "shape_at_position": "shape@pos", "count_shape": "count",
          "exists_color_shape": "exists", "color_at_position": "color@pos"}
 

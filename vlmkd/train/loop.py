@@ -24,6 +24,7 @@ from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import Layout, parts_of, save_model
 from vlmkd.models.moe import is_moe, upcycle
+from vlmkd.models.quant import QuantSpec, add_fake_quant, export_quantized, fake_quant_spec, plain_state_dict
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
 from vlmkd.train.dist import (
     average_gradients,
@@ -186,6 +187,8 @@ def train(
     fsdp = recipe.parallel == "fsdp" and dist_info()[1] > 1
     if fsdp and any(st.upcycle for st in recipe.stages):
         raise RecipeError("upcycling a student mid-run is not supported under FSDP; run that recipe with ddp")
+    if fsdp and any(st.qat for st in recipe.stages):
+        raise RecipeError("quantisation-aware training is not supported under FSDP; run that recipe with ddp")
     if fsdp:
         shard_model(model)
     # the model and the loss-side modules, for optimizer state keyed by parameter name (any world size)
@@ -208,6 +211,9 @@ def train(
         if stage.upcycle and not is_moe(model):
             model = _upcycled(model, stage, device)
             holder = torch.nn.ModuleDict({"model": model, "objective": objective})
+        qat = next((QuantSpec.parse(st.qat) for st in recipe.stages[: si + 1] if st.qat), None)
+        if qat is not None and fake_quant_spec(model) is None:  # from the first qat stage on (also on resume)
+            add_fake_quant(model, qat)
         params = set_trainable(model, stage.trainable) + [p for p in objective.parameters()]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
         first = start_step if si == start_stage else 0
@@ -258,7 +264,8 @@ def train(
             if (step + 1) % recipe.save_every == 0 or last or (stop_after and done_steps >= stop_after):
                 nxt = (si, step + 1) if not last else (si + 1, 0)
                 # gathered on every rank (collectives under FSDP), written by rank 0
-                weights = full_model_state(model) if fsdp else None
+                # the float master weights under plain names when fake quantisation is on (else None)
+                weights = full_model_state(model) if fsdp else plain_state_dict(model)
                 opt_state = full_optimizer_state(holder, opt)
                 if main:
                     save_checkpoint(run_dir, model, hf_tok, opt, {"stage_index": nxt[0], "stage_step": nxt[1],
@@ -266,14 +273,21 @@ def train(
                                     objective.state_dict(), model_state=weights, optimizer_state=opt_state)
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
-        weights = full_model_state(model) if fsdp else None
+        weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=True)
         if main:
             save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}", state_dict=weights)
         state = None
     model_dir = Path(model_out or run_dir / "model")
-    weights = full_model_state(model) if fsdp else None
+    # a QAT student is saved as it computes (fake-quantised weights, in floats) and exported with
+    # real integer weights beside it, whose accuracy is logged as kind "eval_export"
+    weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=True)
     if main:
         save_model(model, hf_tok, model_dir, state_dict=weights)
+        if (spec := fake_quant_spec(model)) is not None:
+            exported = export_quantized(model, spec, hf_tok, model_dir.with_name(f"{model_dir.name}_{spec.tag}"))
+            metrics.write({"kind": "eval_export", "step": global_step, "stage": recipe.stages[-1].name,
+                           "export": str(exported), **evaluate(_loaded(exported, device), val_items[: recipe.eval_samples],
+                                                               layout, tok)})
         write_csv(run_dir)
         plot_run(run_dir)
     barrier()
@@ -291,6 +305,12 @@ def _upcycled(model, stage: Stage, device):
     moe = upcycle(model, experts=u.get("experts", 4), top_k=u.get("top_k", 2), aux_coef=u.get("aux_coef", 0.01),
                   seed=u.get("seed", 0))
     return moe.to(device)
+
+
+def _loaded(model_dir: Path, device):
+    from vlmkd.models.build import load_model
+
+    return load_model(model_dir)[0].to(device)
 
 
 def _load_weights(ckpt: Path) -> dict:

@@ -36,6 +36,10 @@ class Stage:
     # LLaVA-MoD: turn the dense LLM into a mixture of experts when this stage starts:
     # {experts: 4, top_k: 2, aux_coef: 0.01, seed: 0} (vlmkd.models.moe.upcycle)
     upcycle: dict | None = None
+    # quantisation-aware training from this stage on: {bits: 4 or 8, group_size: 32 or null (per
+    # channel)}: the LLM's linear layers compute with fake-quantised weights; the final student is
+    # also exported with real integer weights (vlmkd.models.quant)
+    qat: dict | None = None
 
 
 @dataclass
@@ -77,6 +81,10 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
             if bad:
                 raise RecipeError(f"{source} stage {stage.name}: unknown upcycle key(s) {sorted(bad)}; "
                                   "use experts, top_k, aux_coef, seed")
+        if stage.qat is not None:
+            from vlmkd.models.quant import QuantSpec
+
+            QuantSpec.parse(stage.qat)
         if stage.data not in DATA_KINDS:
             raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
         stages.append(stage)

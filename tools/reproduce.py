@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "llava_mod"]
+RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "llava_mod", "contrastive", "layer_map",
+           "qat_int4"]
 # llava_mod_pd (all three LLaVA-MoD parts) needs preference pairs: --cache-variants llava_mod_pd@pairs:64
 QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
 TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
@@ -44,6 +45,11 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--recipes", default=None, help="comma-separated subset of the rows (none: variants only)")
     ap.add_argument("--cache-variants", default="", help="e.g. sampled:50,topk:4 (mdist rows from other caches)")
+    ap.add_argument("--second-teacher", type=Path, default=None,
+                    help="another teacher (same tokenizer): its own row, mdist from its cache alone, and mdist "
+                         "from both caches (average 0.5/0.5 and most-confident)")
+    ap.add_argument("--ptq", default="", help="RECIPE:BITS:GROUP, e.g. mdist:4:32: that row's students quantised "
+                                              "after training (vlmkd quantize), scored as a row of their own")
     args = ap.parse_args()
     run(args)
 
@@ -52,6 +58,8 @@ def run(args) -> dict:
     from vlmkd.cache.manifest import read_manifest, totals
     from vlmkd.demo import MINI, build_teacher_and_cache
     from vlmkd.eval.run import evaluate_model
+    from vlmkd.models.build import load_model
+    from vlmkd.models.quant import QuantSpec, export_quantized
     from vlmkd.train.student import train_student_run
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,15 +84,30 @@ def run(args) -> dict:
         recipe, _, spec = entry.rpartition("@")  # RECIPE@SPEC; the recipe defaults to mdist
         variant_cache = build_variant_cache(spec, data, teacher, args.out / "caches")
         jobs.append((f"{recipe or 'mdist'}+{spec}", recipe or "mdist", variant_cache))
+    mixes = {}
+    if args.second_teacher:
+        results["teacher_b"] = evaluate_model(args.second_teacher, data / "test.json", limit=args.test_limit)
+        results["teacher_b"]["runs"] = 1
+        cache_b = build_second_cache(args.second_teacher, cache, args.out / "caches" / "teacher_b")
+        jobs.append(("mdist+teacherB", "mdist", cache_b))
+        for mode in ("average", "confidence"):
+            name = "mdist+2teachers" + ("" if mode == "average" else "-confidence")
+            jobs.append((name, "mdist", [cache, cache_b]))
+            mixes[name] = mode
     for name, recipe, row_cache in jobs:
         rows = []
         for seed in seeds:
             run_dir = args.out / "students" / name.replace(":", "") / f"seed{seed}"
             t = time.time()
             res = train_student_run(ROOT / "pipelines" / f"{recipe}.yaml", row_cache, run_dir, val=data / "val.json",
-                                    max_steps=steps, seed=seed)
+                                    max_steps=steps, seed=seed, teacher_mix=mixes.get(name, "average"))
             secs = time.time() - t
-            sc = evaluate_model(res.model_dir, data / "test.json", limit=args.test_limit)
+            exported = sorted(res.model_dir.parent.glob(f"{res.model_dir.name}_w*"))  # a QAT student's export
+            fake_quant = None
+            if exported:  # the row scores the real integer export; the fake-quantised model beside it
+                fake_quant = evaluate_model(res.model_dir, data / "test.json", limit=args.test_limit)["accuracy"]
+            sc = evaluate_model(exported[0] if exported else res.model_dir, data / "test.json", limit=args.test_limit)
+            sc["fake_quant_accuracy"] = fake_quant
             metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             evals = [m for m in metrics if m["kind"] == "eval"]
             sc["val_nll"] = evals[-1]["val_nll"] if evals else None
@@ -97,7 +120,25 @@ def run(args) -> dict:
             rows.append(sc)
         results[name] = aggregate(rows)
         results[name]["params"] = rows[0]["params"]
-        results[name]["logit_bytes_per_token"] = logit_bytes(row_cache)
+        caches = row_cache if isinstance(row_cache, list) else [row_cache]
+        results[name]["logit_bytes_per_token"] = sum(logit_bytes(c) for c in caches)
+        if rows[0].get("fake_quant_accuracy") is not None:
+            results[name]["fake_quant_accuracy"] = aggregate_values([r["fake_quant_accuracy"] for r in rows])
+    for entry in filter(None, args.ptq.split(",")):
+        recipe, bits, group = entry.split(":")
+        name = f"{recipe}+ptq-w{bits}g{group}"
+        rows = []
+        for seed in seeds:
+            src = args.out / "students" / recipe / f"seed{seed}" / "model"
+            dst = src.with_name(f"model_ptq_w{bits}g{group}")
+            m, tok = load_model(src)
+            export_quantized(m, QuantSpec(int(bits), int(group) or None), tok, dst)
+            sc = evaluate_model(dst, data / "test.json", limit=args.test_limit)
+            sc.update(val_nll=None, step_seconds=None, params=parameter_counts(src))
+            rows.append(sc)
+        results[name] = aggregate(rows)
+        results[name]["params"] = rows[0]["params"]
+        results[name]["logit_bytes_per_token"] = logit_bytes(cache)
     manifest = read_manifest(cache)
     sums = totals(manifest)
     cost = {"cache_seconds": sums["seconds"] or None, "cache_samples": sums["samples"],
@@ -145,6 +186,25 @@ def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Pat
     out = root / spec.replace(":", "")
     run_cache_job(CacheJob(teacher, questions, out, settings, backend="hf"))
     return out
+
+
+def build_second_cache(teacher: Path, like: Path, out: Path) -> Path:
+    """Another teacher's top-k cache over the same samples as the cache `like`, with its top-k and
+    scored-position settings (logits only)."""
+    from vlmkd.cache.manifest import read_manifest
+    from vlmkd.teacher.hf_backend import Extraction
+    from vlmkd.teacher.job import CacheJob, run_cache_job
+
+    m = read_manifest(like)
+    ext = m["extraction"]
+    settings = Extraction(topk=ext["topk"], score_visual=ext["score_visual"], attn_layers=[], hidden_points=[],
+                          gram=False)
+    run_cache_job(CacheJob(teacher, Path(m["data"]["manifest"]), out, settings, backend="hf"))
+    return out
+
+
+def aggregate_values(vals: list[float]) -> dict:
+    return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 
 
 def parameter_counts(model_dir: Path) -> dict:
@@ -224,14 +284,22 @@ def markdown(results: dict, args) -> str:
     head += "| --- " * (len(types) + 6) + "|\n"
     lines = []
     t = results["teacher"]
-    lines.append(f"| teacher | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
-                 + " | | | |")
+    for key, label in (("teacher", "teacher"), ("teacher_b", "teacher B (--second-teacher)")):
+        if key in results:
+            t = results[key]
+            lines.append(f"| {label} | 1 | {t['accuracy']:.3f} | "
+                         + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types) + " | | | |")
     rows = row_names(results)
     for name in rows:
         r = results[name]
         cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
         lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
                      + f" | {cell(r['val_nll'])} | {r.get('logit_bytes_per_token', 0):.1f} | {params_cell(r)} |")
+    for name in rows:
+        fq = results[name].get("fake_quant_accuracy")
+        if fq:
+            lines.append(f"\n{name}: the row scores the exported integer model; the fake-quantised model it was "
+                         f"trained as scores {fq['mean']:.3f} ± {fq['std']:.3f}.")
     quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"

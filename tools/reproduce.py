@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "llava_mod", "contrastive", "layer_map",
-           "qat_int4"]
+           "qat_int4", "qat_int4_pc"]
 # llava_mod_pd (all three LLaVA-MoD parts) needs preference pairs: --cache-variants llava_mod_pd@pairs:64
 QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
 TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
@@ -347,7 +347,7 @@ def chart(results: dict, path: Path) -> None:
     ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
-    ax.set_title("shapes: students from one teacher cache (blue: MDist from other caches of the training questions)")
+    ax.set_title("shapes: students from one teacher cache (blue: MDist from other caches or teachers, or quantised)")
     for i, m in enumerate(means):
         ax.text(i, m + 0.02, f"{m:.2f}", ha="center", fontsize=8)
     fig.tight_layout()

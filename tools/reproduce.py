@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--second-teacher", type=Path, default=None,
                     help="another teacher (same tokenizer): its own row, mdist from its cache alone, and mdist "
                          "from both caches (average 0.5/0.5 and most-confident)")
+    ap.add_argument("--teacher-weights", default="0.5,0.5",
+                    help="--second-teacher: the average row's weights (first teacher, second)")
+    ap.add_argument("--second-teacher-rows", default="alone,average,confidence",
+                    help="--second-teacher: which of its rows to run")
     ap.add_argument("--ptq", default="", help="RECIPE:BITS:GROUP, e.g. mdist:4:32: that row's students quantised "
                                               "after training (vlmkd quantize), scored as a row of their own")
     args = ap.parse_args()
@@ -84,23 +88,29 @@ def run(args) -> dict:
         recipe, _, spec = entry.rpartition("@")  # RECIPE@SPEC; the recipe defaults to mdist
         variant_cache = build_variant_cache(spec, data, teacher, args.out / "caches")
         jobs.append((f"{recipe or 'mdist'}+{spec}", recipe or "mdist", variant_cache))
-    mixes = {}
+    mixes, weights = {}, None
     if args.second_teacher:
         results["teacher_b"] = evaluate_model(args.second_teacher, data / "test.json", limit=args.test_limit)
         results["teacher_b"]["runs"] = 1
         cache_b = build_second_cache(args.second_teacher, cache, args.out / "caches" / "teacher_b")
-        jobs.append(("mdist+teacherB", "mdist", cache_b))
-        for mode in ("average", "confidence"):
-            name = "mdist+2teachers" + ("" if mode == "average" else "-confidence")
+        which = args.second_teacher_rows.split(",")
+        if "alone" in which:
+            jobs.append(("mdist+teacherB", "mdist", cache_b))
+        weights = [float(x) for x in args.teacher_weights.split(",")]
+        for mode in (m for m in ("average", "confidence") if m in which):
+            name = "mdist+2teachers" + ("-confidence" if mode == "confidence" else
+                                        "" if weights == [0.5, 0.5] else f"-w{weights[0]:g}")
             jobs.append((name, "mdist", [cache, cache_b]))
             mixes[name] = mode
+
     for name, recipe, row_cache in jobs:
         rows = []
         for seed in seeds:
             run_dir = args.out / "students" / name.replace(":", "") / f"seed{seed}"
             t = time.time()
             res = train_student_run(ROOT / "pipelines" / f"{recipe}.yaml", row_cache, run_dir, val=data / "val.json",
-                                    max_steps=steps, seed=seed, teacher_mix=mixes.get(name, "average"))
+                                    max_steps=steps, seed=seed, teacher_mix=mixes.get(name, "average"),
+                                    teacher_weights=weights if name in mixes else None)
             secs = time.time() - t
             exported = sorted(res.model_dir.parent.glob(f"{res.model_dir.name}_w*"))  # a QAT student's export
             fake_quant = None

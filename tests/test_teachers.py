@@ -199,3 +199,20 @@ def test_two_teacher_student_trains_and_refuses_other_samples(two_caches, shapes
 
     with pytest.raises(CacheError, match="hold different samples"):
         train_student_run(recipe, [two_caches["a"], two_caches["val"]], tmp_path / "bad", val=shapes_dir / "val.json")
+
+
+def test_allow_partial_trains_on_the_shared_samples_and_records_the_rest(two_caches, tmp_path):
+    import json
+
+    from vlmkd.cache.reader import CacheReader
+    from vlmkd.data.rejects import RejectLog
+    from vlmkd.train.teachers import TeacherMix
+
+    a, other = CacheReader(two_caches["a"]), CacheReader(two_caches["val"])
+    mix = TeacherMix(a, [other], allow_partial=True, rejects=RejectLog(tmp_path / "rejects.jsonl"))
+    recorded = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert len(recorded) == len(a) and not mix.keep  # train and val share no sample: all recorded once
+    s = next(CacheReader(two_caches["a"], payloads=("tokens", "topk")).samples())
+    assert mix.apply(s) is None
+    with pytest.raises(RecipeError, match="2 non-negative weights"):
+        TeacherMix(a, [other], weights=[1.0], allow_partial=True)

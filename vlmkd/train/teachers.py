@@ -106,7 +106,9 @@ class TeacherMix:
             for shard in r.shards:
                 for key, members in iter_members(r.read_shard(shard), shard["name"]):
                     sid = decode_sample(key, {"meta": members["meta"]}, (), shard["name"])["id"]
-                    idx[sid] = (key, {p: members[p] for p in ("meta", "tokens", "topk")}, shard["name"])
+                    # a missing member is named by decode_sample when the sample comes by
+                    idx[sid] = (key, {p: members[p] for p in ("meta", "tokens", "topk") if p in members},
+                                shard["name"])
             missing, extra = sorted(set(mine) - idx.keys()), sorted(idx.keys() - set(mine))
             if (missing or extra) and not allow_partial:
                 raise CacheError(f"caches {primary.root} and {r.root} hold different samples: "

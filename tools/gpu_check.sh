@@ -6,7 +6,9 @@
 #      time and peak memory (the full grid, or BENCH_ARGS), and where the triton path's time goes
 #      (torch.profiler on PROFILE_SHAPE).
 # Logs and JSON go to $OUT (default out/gpu). Packages the GPU image lacks travel as wheels in .whl/
-# (webdataset, braceexpand, zstandard, liger-kernel for its Python 3.12; see docs/PERFORMANCE.md).
+# (webdataset, braceexpand, zstandard, liger-kernel for its Python 3.12; see docs/PERFORMANCE.md), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7 zstandard==0.25.0 liger-kernel==0.8.5
 #
 #     bash tools/gpu_check.sh
 #     BENCH_ARGS="--shapes 4096,32000,896,64 --chunks 256,4096" bash tools/gpu_check.sh

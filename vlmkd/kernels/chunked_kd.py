@@ -62,14 +62,15 @@ def _triton_passes(hidden, weight, ids, logprobs, tail, loss, temperature, beta,
     lse = torch.empty(N, dtype=stat, device=hidden.device)
     z_ids = torch.empty(N, ids.shape[1], dtype=stat, device=hidden.device)
     ids = ids.contiguous()
+    inv_tau = tk.inverse_temperature(temperature, stat, hidden.device)
     for s in range(0, N, chunk):
-        tk.lse_gather(hidden[s : s + chunk] @ weight.T, ids[s : s + chunk], temperature, lse[s : s + chunk],
+        tk.lse_gather(hidden[s : s + chunk] @ weight.T, ids[s : s + chunk], inv_tau, lse[s : s + chunk],
                       z_ids[s : s + chunk])
     total, g_lse, g_zid = tk.bucket_grads(lse, z_ids, logprobs, tail, V, loss, temperature, beta, alpha, scale)
     for s in range(0, N, chunk):
         h = hidden[s : s + chunk]
         gz = tk.grad_in_place((h @ weight.T).contiguous(), ids[s : s + chunk], lse[s : s + chunk],
-                              g_lse[s : s + chunk], g_zid[s : s + chunk], temperature)
+                              g_lse[s : s + chunk], g_zid[s : s + chunk], inv_tau)
         _accumulate(gz, h, weight, grad_h[s : s + chunk], grad_w)
     return total
 

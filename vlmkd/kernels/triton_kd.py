@@ -10,8 +10,8 @@ the k + 1-bucket divergence and (g_lse, g_j) come from `vlmkd.losses.logit` on [
 same formulas as every other path, autograd on a tiny graph, once for all rows); kernel 2 streams the
 row again and overwrites z with dL/dz (dense part), then adds the k sparse terms. Two passes over the
 chunks (`vlmkd.kernels.chunked_kd`): the chunk's logits are computed twice (4 matmuls, not 3), because
-the small graph per chunk cost ~2 ms of host time on an H100, more than the chunk's GPU work. The matmuls around it (z = h W^T,
-dL/dh = G W, dL/dW += G^T h) stay cuBLAS: a fully fused matmul cannot keep a [rows x hidden] gradient
+the small graph per chunk cost ~2 ms of host time on an H100, more than the chunk's GPU work. The
+matmuls around it (z = h W^T, dL/dh = G W, dL/dW += G^T h) stay cuBLAS: a fully fused matmul cannot keep a [rows x hidden] gradient
 accumulator on chip at hidden sizes of 896-2,048 (the Liger-Kernel design, for the same reason).
 
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (the interpreter: tests only, slow).
@@ -96,11 +96,13 @@ def _check(z: torch.Tensor) -> None:
         raise RuntimeError("the Triton KD kernels need a CUDA tensor, or TRITON_INTERPRET=1 on the CPU")
 
 
-def _stat_dtype(z: torch.Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
+def inverse_temperature(temperature: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """1 / tau as a one-element tensor for the kernels: a Python float argument would reach them as
+    float32 on a GPU (the interpreter keeps float64), off by ~1e-8 relative in the float64 mode."""
+    return torch.full((1,), 1.0 / temperature, dtype=dtype, device=device)
 
 
-def lse_gather(z: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
+def lse_gather(z: torch.Tensor, ids: torch.Tensor, inv_tau: torch.Tensor, lse: torch.Tensor,
                z_ids: torch.Tensor) -> None:
     """Pass 1 on a chunk's logits z [C, V]: lse [C] = logsumexp(z / tau) and z_ids [C, k] = z at the
     teacher's ids, written into the given rows of the call's statistics."""
@@ -109,7 +111,6 @@ def lse_gather(z: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torc
     K = ids.shape[1]
     z, ids = z.contiguous(), ids.contiguous()
     block_v, block_k, warps = _blocks(V, K)
-    inv_tau = torch.full((1,), 1.0 / temperature, dtype=lse.dtype, device=z.device)
     _lse_gather_kernel[(C,)](z, z.stride(0), ids, ids.stride(0), lse, z_ids, V, K, inv_tau,
                              BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
 
@@ -129,14 +130,13 @@ def bucket_grads(lse: torch.Tensor, z_ids: torch.Tensor, lp: torch.Tensor, tail:
 
 
 def grad_in_place(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor, g_zid: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
+                  inv_tau: torch.Tensor) -> torch.Tensor:
     """Pass 2 on a chunk's logits z [C, V] (contiguous): overwritten with dL/dz and returned."""
     _check(z)
     C, V = z.shape
     K = ids.shape[1]
     ids = ids.contiguous()
     block_v, block_k, warps = _blocks(V, K)
-    inv_tau = torch.full((1,), 1.0 / temperature, dtype=lse.dtype, device=z.device)
     _grad_kernel[(C,)](z, z.stride(0), lse, g_lse, ids, ids.stride(0), g_zid, V, K, inv_tau,
                        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
     return z

@@ -62,11 +62,15 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return q.reshape(n_out, n_in), scale
 
 
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [out, in] times its row's group scale, scale [out, groups]: the weight the model computes with."""
+    n_out, n_in = q.shape
+    return (q.reshape(n_out, scale.shape[1], -1) * scale[..., None]).reshape(n_out, n_in)
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """w_hat = dequantised q in the forward pass; identity gradient (straight-through)."""
-    q, scale = quantize_weight(w.detach(), spec)
-    G = spec.group_size or w.shape[1]
-    w_hat = (q.reshape(w.shape[0], -1, G) * scale[..., None]).reshape(w.shape)
+    w_hat = dequantize(*quantize_weight(w.detach(), spec))
     return w + (w_hat - w).detach()
 
 
@@ -153,9 +157,8 @@ def export_quantized(model, spec: QuantSpec, tok, out: str | Path) -> Path:
     with torch.no_grad():
         for lin in quant_layers(m).values():
             q, scale = quantize_weight(lin.weight.float(), spec)
-            G = spec.group_size or lin.weight.shape[1]
             # the weight set to its dequantised value: the compressor's own rounding then returns q exactly
-            lin.weight.copy_((q.reshape(q.shape[0], -1, G) * scale[..., None]).reshape(q.shape))
+            lin.weight.copy_(dequantize(q, scale))
             lin.weight_scale.copy_(scale.reshape(lin.weight_scale.shape).to(lin.weight_scale.dtype))
             if hasattr(lin, "weight_zero_point"):
                 lin.weight_zero_point.zero_()

@@ -106,6 +106,10 @@ class HFTeacher:
         if settings.hidden_dim:
             self.proj = projection(self.model.config.text_config.hidden_size, settings.hidden_dim, settings.hidden_seed)
 
+    def _narrowed(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states as the cache stores them: through the fixed projection when `hidden_dim` is set."""
+        return h @ self.proj if self.proj is not None else h
+
     def lm_head_gram(self) -> np.ndarray:
         """G = W^T W [D, D] of the LM head, so a student can form Y Y^T = H G H^T from hidden states."""
         w = self.model.lm_head.weight.detach().double()
@@ -153,13 +157,12 @@ class HFTeacher:
             if s.hidden_points and len(vis):
                 hs = []
                 for point in s.hidden_points:
-                    h = visual_rows(pr, point, batch["image_mask"])[b].float()
-                    hs.append(h @ self.proj if self.proj is not None else h)
+                    hs.append(self._narrowed(visual_rows(pr, point, batch["image_mask"])[b].float()))
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
             if s.text_pool and self.covers("final"):
                 text = torch.from_numpy(~enc.image_mask.astype(bool) & ~enc.labels_mask.astype(bool))
                 v = pr.hidden["final"][b, :T][text].float().mean(0)
-                members["pooled"] = fmt.encode_pooled((v @ self.proj if self.proj is not None else v).numpy())
+                members["pooled"] = fmt.encode_pooled(self._narrowed(v).numpy())
             out.append({**sample_head(it, pos), **members} if self.with_topk else members)
         if self.with_topk:
             for b, pair in self._preference_pairs(items, logits).items():

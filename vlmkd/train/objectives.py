@@ -87,7 +87,7 @@ class KDObjective(Objective):
         self.proj = torch.nn.ModuleDict()
         if "align" in terms:
             self.proj["align"] = torch.nn.Linear(s_dim, t_dim, bias=False)
-        if "feat" in terms:
+        if any(st.losses.get("feat") and "layer_map" not in st.loss_args for st in stages):  # (layer maps: below)
             self.proj["feat"] = torch.nn.Linear(s_dim, t_dim, bias=False)
         self.pairs: dict[str, list[tuple[int, int]]] = {}  # stage -> (student, teacher) layers
         n_s, n_t = model.config.text_config.num_hidden_layers, man["teacher"].get("num_layers")

@@ -62,11 +62,12 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
     objective = KDObjective(model, reader, recipe.stages)
     val_path = val or Path(reader.manifest["data"]["manifest"]).with_name("val.json")
     out = Path(out)
+    rejects = RejectLog(out / "rejects.jsonl")
     mix = None
     if others:
         mix = TeacherMix(reader, [CacheReader(c, payloads=("tokens", "topk"), verify=verify) for c in others],
-                         teacher_weights, teacher_mix, allow_partial, RejectLog(out / "rejects.jsonl"))
-    val_items = load_items(val_path, tok, layout, RejectLog(out / "rejects.jsonl"))
+                         teacher_weights, teacher_mix, allow_partial, rejects)
+    val_items = load_items(val_path, tok, layout, rejects)
     with bar() as p:
         return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix), val_items, out,
                      objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)

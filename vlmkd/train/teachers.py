@@ -70,12 +70,15 @@ def mix_topk(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], weights: lis
     return ids, out, tail
 
 
-def _sample_ids(reader: CacheReader) -> list[str]:
-    ids = []
+def _by_id(reader: CacheReader, payloads: tuple[str, ...] = ()) -> dict[str, tuple[str, dict, str]]:
+    """sample id -> (key, {member: raw bytes} for `payloads` and meta, shard name), over every shard."""
+    out = {}
     for shard in reader.shards:
         for key, members in iter_members(reader.read_shard(shard), shard["name"]):
-            ids.append(decode_sample(key, {"meta": members["meta"]}, (), shard["name"])["id"])
-    return ids
+            sid = decode_sample(key, {"meta": members["meta"]}, (), shard["name"])["id"]
+            # a missing member is named by decode_sample when the sample comes by
+            out[sid] = (key, {p: members[p] for p in ("meta", *payloads) if p in members}, shard["name"])
+    return out
 
 
 class TeacherMix:
@@ -98,18 +101,12 @@ class TeacherMix:
                 if r.manifest["tokenizer_sha256"] != primary.manifest["tokenizer_sha256"]:
                     raise CacheError(f"cache {r.root} was built with another tokenizer than {primary.root}: "
                                      "their token ids do not mean the same; several teachers need one tokenizer")
-        mine = _sample_ids(primary)
+        mine = set(_by_id(primary))
         self.index: list[dict[str, tuple]] = []
         self.keep = set(mine)
         for r in others:
-            idx = {}
-            for shard in r.shards:
-                for key, members in iter_members(r.read_shard(shard), shard["name"]):
-                    sid = decode_sample(key, {"meta": members["meta"]}, (), shard["name"])["id"]
-                    # a missing member is named by decode_sample when the sample comes by
-                    idx[sid] = (key, {p: members[p] for p in ("meta", "tokens", "topk") if p in members},
-                                shard["name"])
-            missing, extra = sorted(set(mine) - idx.keys()), sorted(idx.keys() - set(mine))
+            idx = _by_id(r, ("tokens", "topk"))
+            missing, extra = sorted(mine - idx.keys()), sorted(idx.keys() - mine)
             if (missing or extra) and not allow_partial:
                 raise CacheError(f"caches {primary.root} and {r.root} hold different samples: "
                                  f"{len(missing)} only in the first (e.g. {missing[:5]}), {len(extra)} only in the "
@@ -118,7 +115,7 @@ class TeacherMix:
             self.index.append(idx)
         self.roots = [primary.root] + [r.root for r in others]
         if rejects is not None:  # recorded once here, not once per epoch
-            for sid in sorted(set(mine) - self.keep):
+            for sid in sorted(mine - self.keep):
                 rejects.add(Reject(sid, "teachers", "not in every teacher cache; skipped (--allow-partial)"))
 
     def apply(self, s: dict) -> dict | None:

@@ -14,6 +14,11 @@ same teacher over the training questions (DEMO/data/train_questions.json): `samp
 Sampling KD, N draws at t = 1) or `topk:K`; logits only (no attention or hidden states), built once
 under DIR/caches/ through the transformers backend; each row reports its bytes per scored token.
 
+--second-teacher DIR: another teacher with the same tokenizer: its own score, and mdist rows from its
+cache alone and from both caches (`--teacher-weights`, `--second-teacher-rows`). --ptq RECIPE:BITS:GROUP:
+that row's students quantised after training (`vlmkd.models.quant`, GROUP 0 = per channel), the
+baseline of the qat_* rows, which score their integer export.
+
 --quick without --demo builds DIR/demo first (vlmkd.demo.MINI: 6,000 training questions, no
 captions, pipelines/teacher_quick.yaml: 1,600 teacher steps to ~0.86, a cache through the transformers
 backend), then trains one seed of sft, logit_kd and mdist at the recipes' own budget: about 9 minutes
@@ -133,7 +138,7 @@ def run(args) -> dict:
         caches = row_cache if isinstance(row_cache, list) else [row_cache]
         results[name]["logit_bytes_per_token"] = sum(logit_bytes(c) for c in caches)
         if rows[0].get("fake_quant_accuracy") is not None:
-            results[name]["fake_quant_accuracy"] = aggregate_values([r["fake_quant_accuracy"] for r in rows])
+            results[name]["fake_quant_accuracy"] = mean_std([r["fake_quant_accuracy"] for r in rows])
     for entry in filter(None, args.ptq.split(",")):
         recipe, bits, group = entry.split(":")
         name = f"{recipe}+ptq-w{bits}g{group}"
@@ -213,10 +218,6 @@ def build_second_cache(teacher: Path, like: Path, out: Path) -> Path:
     return out
 
 
-def aggregate_values(vals: list[float]) -> dict:
-    return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
-
-
 def parameter_counts(model_dir: Path) -> dict:
     """Total and per-token active parameters (an MoE student uses top-k of its experts), LLM included."""
     from vlmkd.models.build import load_model
@@ -273,13 +274,16 @@ def row_names(results: dict) -> list[str]:
     return [n for n in RECIPES if n in results] + sorted(variants, key=lambda n: results[n].get("logit_bytes_per_token", 0))
 
 
-def aggregate(rows: list[dict]) -> dict:
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None
-        return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+def mean_std(vals: list) -> dict | None:
+    """{mean, std} over the values that are not None (None when there are none)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 
+
+def aggregate(rows: list[dict]) -> dict:
+    ms = mean_std
     types = sorted({t for r in rows for t in r["per_type"]})
     return {"runs": len(rows), "accuracy": ms([r["accuracy"] for r in rows]),
             "per_type": {t: ms([r["per_type"][t]["accuracy"] for r in rows if t in r["per_type"]]) for t in types},

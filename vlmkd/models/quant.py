@@ -95,8 +95,11 @@ def quant_layers(model) -> dict[str, torch.nn.Linear]:
 
 def add_fake_quant(model, spec: QuantSpec) -> int:
     layers = quant_layers(model)
-    for lin in layers.values():
-        quantize_weight(lin.weight.detach(), spec)  # refuses a group size that does not fit, before any change
+    for name, lin in layers.items():  # a group size that does not fit is refused before any change, by layer
+        try:
+            quantize_weight(lin.weight.detach(), spec)
+        except RecipeError as e:
+            raise RecipeError(f"layer {name}: {e}") from e
     for lin in layers.values():
         parametrize.register_parametrization(lin, "weight", FakeQuant(spec))
     return len(layers)

@@ -54,10 +54,10 @@ def tiny_model_dir(tmp_path_factory, hf_tok):
 
 
 def _train_tiny_teacher(tmp_path_factory, hf_tok, shapes_dir, seed: int, steps: int):
+    from vlmkd.data.items import load_items
     from vlmkd.data.rejects import RejectLog
     from vlmkd.models.build import build_model, data_tokenizer
     from vlmkd.train.loop import ItemSource, train
-    from vlmkd.train.prepare import load_items
     from vlmkd.train.recipe import parse_recipe
 
     recipe = parse_recipe({"name": "tiny_teacher", "model": {**TINY_IDEFICS3, "init_seed": seed}, "seed": seed,

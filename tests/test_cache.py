@@ -20,9 +20,10 @@ import zstandard
 from vlmkd.cache import format as fmt
 from vlmkd.cache.manifest import tokenizer_fingerprint, write_manifest
 from vlmkd.cache.reader import CacheReader
+from vlmkd.cache.writer import merge_parts
 from vlmkd.errors import CacheError
 from vlmkd.teacher.hf_backend import Extraction, topk_rows
-from vlmkd.teacher.job import CacheJob, merge_parts, run_cache_job
+from vlmkd.teacher.job import CacheJob, run_cache_job
 
 
 def _job(model_dir, data, out, **kw):
@@ -326,3 +327,29 @@ def test_a_pickled_member_is_refused_by_name(cache_dir, tmp_path):
     write_manifest(d / "manifest.json", m)
     with pytest.raises(CacheError, match=r"0000000000\.hidden\.npy\.zst.*refused"):
         list(CacheReader(d, payloads=("tokens", "hidden")).samples())
+
+
+@pytest.mark.parametrize("content_size", [True, False])
+def test_a_zstd_bomb_is_a_named_cache_error(cache_dir, tmp_path, content_size):
+    """A member of a few KB that decompresses to 64 MiB, with valid checksums (a hostile cache that
+    rewrote them): refused from the sample's counts before the bytes are allocated, by the reader and
+    by `cache verify`."""
+    import shutil
+
+    d = tmp_path / "bomb"
+    shutil.copytree(cache_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    bomb = zstandard.ZstdCompressor(write_content_size=content_size).compress(bytes(64 << 20))
+    assert len(bomb) < 64 << 10
+    members = {"meta": json.dumps({"id": "x", "tokens": 3, "scored": 1, "visual_tokens": 0}).encode(),
+               "tokens": fmt.encode_tokens(np.array([1, 2, 3]), np.array([False] * 3), np.array([False] * 3)),
+               "hidden": bomb}
+    from vlmkd.cache.writer import write_shard
+
+    nbytes, digest, _ = write_shard(d / m["shards"][0]["name"], [("0000000000", members)])
+    m["shards"][0].update(bytes=nbytes, sha256=digest, samples=1)
+    write_manifest(d / "manifest.json", m)
+    with pytest.raises(CacheError, match=r"0000000000\.hidden\.npy\.zst.*(zstd bomb|limit)"):
+        for _ in CacheReader(d, payloads=("tokens", "hidden")).samples():  # shards come in a seeded order
+            pass
+    assert any("hidden" in p and ("bomb" in p or "limit" in p) for p in CacheReader(d, payloads=()).verify_all())

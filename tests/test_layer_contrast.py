@@ -81,7 +81,7 @@ def test_missing_payloads_are_refused_by_name(kd_cache_plain, shapes_dir, tmp_pa
         _run(tmp_path, kd_cache_plain, shapes_dir, {"feat": 1.0}, {"layer_map": "uniform"}, steps=1)
     with pytest.raises(RecipeError, match="--text-pool"):
         _run(tmp_path, kd_cache_plain, shapes_dir, {"contrast": 1.0}, {"contrast_on": ["text"]}, steps=1)
-    with pytest.raises(RecipeError, match="layer_map applies to the feat and attn terms"):
+    with pytest.raises(RecipeError, match=r"loss_args.layer_map is read by the term\(s\) \[.attn., .feat.\], which this stage does not use"):
         _run(tmp_path, kd_cache_plain, shapes_dir, {"ce": 1.0}, {"layer_map": "uniform"}, steps=1)
 
 

@@ -101,7 +101,7 @@ def test_student_trains_with_the_preference_term(pref_cache, shapes_dir, tmp_pat
 
 def test_sequence_logprob_against_float64_loop_and_gradcheck():
     """The student side of the pref term: the summed log-prob of each row's response tokens."""
-    from vlmkd.train.objectives import sequence_logprob
+    from vlmkd.train.terms.pref import sequence_logprob
 
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 6, 11, generator=g, dtype=torch.float64, requires_grad=True)

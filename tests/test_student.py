@@ -136,3 +136,50 @@ def test_missing_payload_for_a_loss_is_a_clear_error(tiny_model_dir, shapes_dir,
     stage = {"name": "kd", "steps": 2, "batch_size": 4, "losses": {"vis": 1.0}}
     with pytest.raises(RecipeError, match="score-visual"):
         train_student_run(_recipe(tmp_path, "v", [stage]), out, tmp_path / "r", val=shapes_dir / "val.json")
+
+
+def test_a_copied_cache_trains_a_student_alone(trained_tiny_teacher, shapes_dir, tmp_path, monkeypatch):
+    """One cache, many students, on other machines: the cache is copied elsewhere, the teacher's folder
+    and the data folder are gone, the run starts from another directory, no --val: the student's
+    tokenizer and vision tower and the validation data all come from the cache itself."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_tiny_teacher, teacher)
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    built = tmp_path / "built"
+    settings = Extraction(topk=8, score_visual=True, attn_layers=[0], hidden_points=["final"])
+    run_cache_job(CacheJob(teacher, data / "train.json", built, settings, samples_per_shard=64, val=data / "val.json"))
+    moved = tmp_path / "elsewhere" / "cache"
+    shutil.copytree(built, moved)
+    shutil.rmtree(built)
+    shutil.rmtree(teacher)
+    shutil.rmtree(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    stage = {"name": "kd", "data": "questions", "steps": 3, "lr": 3e-3, "warmup": 1, "batch_size": 4,
+             "trainable": ["projector", "llm"], "losses": {"ce": 1.0, "vis": 1.0}}
+    recipe = _recipe(tmp_path, "alone", [stage])
+    res = train_student_run(recipe, moved, work / "run")
+    assert res.model_dir.is_dir() and res.last_eval["val_accuracy"] >= 0
+    m = CacheReader(moved, payloads=()).manifest
+    assert "vision.safetensors" in m["teacher_files"]["files"] and m["validation"]["copied"] == 30
+
+
+def test_an_old_cache_without_its_teacher_is_refused_with_what_to_do(kd_cache, tmp_path):
+    import shutil
+
+    from vlmkd.cache.manifest import write_manifest
+    from vlmkd.errors import RecipeError
+
+    d = tmp_path / "old"
+    shutil.copytree(kd_cache, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m.pop("teacher_files", None)
+    m["teacher_path"] = "demo/teacher"  # as caches before 2026-12 recorded it: relative, as typed
+    write_manifest(d / "manifest.json", m)
+    stage = {"name": "kd", "steps": 1, "losses": {"ce": 1.0}}
+    with pytest.raises(RecipeError, match=r"does not hold the teacher's tokenizer .* rebuild the cache"):
+        train_student_run(_recipe(tmp_path, "old", [stage]), d, tmp_path / "run", val=d)

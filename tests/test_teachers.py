@@ -14,7 +14,7 @@ from reference import sparse_kd_ref
 from vlmkd.errors import CacheError, RecipeError
 from vlmkd.kernels import linear_sparse_kd, triton_usable
 from vlmkd.losses import LOSSES, logit_kd
-from vlmkd.train.teachers import mix_topk
+from vlmkd.losses.mixture import mix_topk
 
 SEED = int.from_bytes(os.urandom(4), "little")
 
@@ -170,9 +170,9 @@ def test_two_teacher_student_trains_and_refuses_other_samples(two_caches, shapes
     import yaml
     from conftest import TINY_IDEFICS3
 
+    from vlmkd.cache.join import TeacherMix
     from vlmkd.cache.reader import CacheReader
     from vlmkd.train.student import train_student_run
-    from vlmkd.train.teachers import TeacherMix
 
     a, b = CacheReader(two_caches["a"]), CacheReader(two_caches["b"])
     mix = TeacherMix(a, [b], [0.5, 0.5])
@@ -204,9 +204,9 @@ def test_two_teacher_student_trains_and_refuses_other_samples(two_caches, shapes
 def test_allow_partial_trains_on_the_shared_samples_and_records_the_rest(two_caches, tmp_path):
     import json
 
+    from vlmkd.cache.join import TeacherMix
     from vlmkd.cache.reader import CacheReader
     from vlmkd.data.rejects import RejectLog
-    from vlmkd.train.teachers import TeacherMix
 
     a, other = CacheReader(two_caches["a"]), CacheReader(two_caches["val"])
     mix = TeacherMix(a, [other], allow_partial=True, rejects=RejectLog(tmp_path / "rejects.jsonl"))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import TINY_IDEFICS3
 
+from vlmkd.data.items import load_items
 from vlmkd.data.rejects import RejectLog
 from vlmkd.errors import RecipeError
 from vlmkd.models.build import build_model, data_tokenizer
 from vlmkd.train.loop import ItemSource, batch_indices, train
-from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import parse_recipe
 from vlmkd.train.schedule import lr_factor
 

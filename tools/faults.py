@@ -39,13 +39,13 @@ PY = sys.executable
 
 def setup(work: Path) -> tuple[Path, Path]:
     """A shapes set and a tiny teacher (briefly trained, so its distributions are not uniform)."""
+    from vlmkd.data.items import load_items
     from vlmkd.data.manifest import load_samples
     from vlmkd.data.rejects import RejectLog
     from vlmkd.data.shapes import write_dataset
     from vlmkd.models.build import build_model, data_tokenizer
     from vlmkd.models.tokenizer import train_tokenizer
     from vlmkd.train.loop import ItemSource, train
-    from vlmkd.train.prepare import load_items
     from vlmkd.train.recipe import parse_recipe
 
     data = work / "data"

@@ -242,9 +242,9 @@ def teacher_forward_seconds(teacher: Path, manifest: Path, reps: int = 10) -> fl
     import torch
 
     from vlmkd.data.dataset import collate, model_inputs
+    from vlmkd.data.items import load_items
     from vlmkd.data.rejects import RejectLog
     from vlmkd.models.build import data_tokenizer, load_model
-    from vlmkd.train.prepare import load_items
 
     model, hf_tok = load_model(teacher)
     model.eval()

@@ -64,7 +64,7 @@ def train_teacher(
     threads: int | None = typer.Option(None, help="torch CPU threads"),
 ):
     """Train the demo teacher from scratch: a tokenizer on the data's texts, then the recipe's stages."""
-    from vlmkd.train.teacher import train_teacher_run
+    from vlmkd.train.demo_teacher import train_teacher_run
 
     _threads(threads)
     res = train_teacher_run(data, out, recipe, val, max_steps, seed, strict)
@@ -192,6 +192,8 @@ def cache_teacher(
     strict: bool = typer.Option(False, help="fail on the first bad sample instead of recording it"),
     overwrite: bool = typer.Option(False, help="start over even if OUT holds another cache"),
     threads: int | None = typer.Option(None),
+    val: Path | None = typer.Option(None, help="a validation manifest to hold in the cache (students evaluate on it "
+                                               "with no data folder)"),
 ):
     """Run the teacher once over a data set and write its sparse distributions, attention maps and
     hidden states into a sharded cache. A re-run resumes; it never writes a sample twice."""
@@ -204,7 +206,7 @@ def cache_teacher(
                                hidden_points=hidden_points.split(",") if hidden_points else None)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
                            max_shard_mb * 2**20, strict, overwrite, tensor_parallel_size=tensor_parallel_size,
-                           data_parallel_size=data_parallel_size))
+                           data_parallel_size=data_parallel_size, val=val))
 
 
 @cache_app.command("inspect")
@@ -247,7 +249,7 @@ def cache_verify(cache: Path = typer.Argument(...)):
 def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wrote into")):
     """Join the part manifests of `--num-shards N` jobs into one cache manifest."""
     from vlmkd.cache.manifest import totals
-    from vlmkd.teacher.job import merge_parts
+    from vlmkd.cache.writer import merge_parts
 
     m = merge_parts(cache)
     t = totals(m)

@@ -15,8 +15,8 @@ from vlmkd.eval.run import evaluate_model
 from vlmkd.progress import bar, console
 from vlmkd.teacher.job import CacheJob, run_cache_job
 from vlmkd.teacher.settings import extraction_from
+from vlmkd.train.demo_teacher import train_teacher_run
 from vlmkd.train.student import train_student_run
-from vlmkd.train.teacher import train_teacher_run
 
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 STUDENTS = ("sft", "mdist")
@@ -50,7 +50,7 @@ def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
     console.print(f"teacher: {teacher}")
     cache = out / "cache"
     run_cache_job(CacheJob(teacher, data / "train.json", cache, extraction_from(PIPELINES / "cache.yaml"),
-                           backend=cfg["backend"]))
+                           backend=cfg["backend"], val=data / "val.json"))
     console.print(f"cache: {cache}")
     return data, teacher, cache
 

@@ -39,6 +39,7 @@ teacher's probabilities (E[w_v] = p_v; with t = 1, w_v = count_v / N).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -86,10 +87,56 @@ def _zstd(raw: bytes) -> bytes:
     return _local.c.compress(raw)
 
 
+HARD_LIMIT = 1 << 30  # no member of any cache decompresses past this, whatever its counts say
+
+
 def _unzstd(blob: bytes) -> bytes:
+    """Decompress one member, refusing more output than `decompress_limit` allows (a zstd bomb: a few
+    KB that decode to gigabytes), before allocating it."""
     if not hasattr(_local, "d"):  # one (de)compressor per thread: they are not thread-safe, and reuse is fast
         _local.d = zstandard.ZstdDecompressor()
-    return _local.d.decompress(blob)
+    limit = getattr(_local, "limit", HARD_LIMIT)
+    size = zstandard.frame_content_size(blob)
+    if size > limit:
+        raise ValueError(f"it would decompress to {size:,} bytes, more than the {limit:,} its sample's counts "
+                         "allow (a zstd bomb, or a member of another sample)")
+    try:
+        return _local.d.decompress(blob, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd: {e} (limit {limit:,} bytes)") from e
+
+
+@contextlib.contextmanager
+def decompress_limit(nbytes: int):
+    """Within the block, a member may decompress to at most `nbytes` (see `member_limit`)."""
+    old = getattr(_local, "limit", HARD_LIMIT)
+    _local.limit = min(int(nbytes), HARD_LIMIT)
+    try:
+        yield
+    finally:
+        _local.limit = old
+
+
+def member_limit(payload: str, meta: dict, manifest: dict) -> int:
+    """The most bytes a sample's `payload` member can decompress to, from its counts (meta: tokens,
+    scored rows, visual tokens) and the manifest's extraction (k, draws, layers, widths), with 2x
+    margin plus 64 KiB of slack for .npy headers: a real member is far inside it, a bomb is not."""
+    ext, teacher = manifest.get("extraction", {}), manifest.get("teacher", {})
+    T, R, Nv = int(meta.get("tokens", 0)), int(meta.get("scored", 0)), int(meta.get("visual_tokens", 0))
+    k, N = int(ext.get("topk") or 0), int(ext.get("draws") or 0)
+    D = int(ext.get("hidden_dim") or teacher.get("hidden_size") or 0)
+    heads = 1 if ext.get("attn_heads", "mean") == "mean" else int(teacher.get("num_heads") or 1)
+    L, P = len(ext.get("attn_layers") or []), len(ext.get("hidden_points") or [])
+    need = {
+        "tokens": 5 * T,
+        "topk": 16 + R * (12 + 5 * k),  # layout 1 (the larger) rows: pos, lp_max, tail, 4-byte deltas, codes
+        "sampled": 16 + R * 9 + R * N * 7,
+        "attn": 4 * T + 2 * L * heads * T * Nv,
+        "hidden": 2 * P * Nv * D,
+        "pooled": 2 * D,
+        "pref": 64 * T,  # the rejected sequence is about the chosen's length; its answer is short
+    }.get(payload, 0)
+    return 2 * need + (64 << 10)
 
 
 def pack_arrays(*arrays: np.ndarray) -> bytes:

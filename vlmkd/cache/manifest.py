@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from vlmkd.cache.atomic import atomic_write
 from vlmkd.cache.format import FORMAT_VERSION, KNOWN_VERSIONS
 from vlmkd.errors import CacheError
 
@@ -58,21 +58,7 @@ def write_manifest(path: Path, manifest: dict) -> None:
     """Atomically, with `manifest_sha256` over the rest (sorted-key JSON), so that a flipped byte in
     the manifest itself is caught like one in a shard."""
     manifest["manifest_sha256"] = _body_digest(manifest)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(Path(path), json.dumps(manifest, indent=1).encode())
 
 
 def read_manifest(path: Path) -> dict:

@@ -64,7 +64,10 @@ def iter_members(data: bytes, shard: str) -> Iterator[tuple[str, dict[str, bytes
         raise CacheError(f"shard {shard}: not a readable tar ({e}); the shard is truncated or corrupt") from e
 
 
-def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...], shard: str) -> dict:
+def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...], shard: str,
+                  manifest: dict | None = None) -> dict:
+    """The asked payloads of one sample; with the cache's `manifest`, each member may decompress only
+    to what the sample's counts imply (`fmt.member_limit`)."""
     out: dict = {"key": key}
     try:
         meta = json.loads(members["meta"])
@@ -75,7 +78,9 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
                 raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")
             if p == "image":
                 out["image"] = members["image"]
-            else:
+                continue
+            limit = fmt.member_limit(p, meta, manifest) if manifest is not None else fmt.HARD_LIMIT
+            with fmt.decompress_limit(limit):
                 out.update(fmt.DECODERS[p](members[p]))
     except CacheError:
         raise
@@ -167,7 +172,7 @@ class CacheReader:
             nonlocal n
             n += 1
             if n > skip:
-                return decode_sample(entry[0], entry[1], self.payloads, entry[2])
+                return decode_sample(entry[0], entry[1], self.payloads, entry[2], self.manifest)
             return None
 
         for shard in self.my_shards(epoch, worker, num_workers):
@@ -197,7 +202,7 @@ class CacheReader:
                 data = self.read_shard(shard)
                 n = 0
                 for key, members in iter_members(data, shard["name"]):
-                    decode_sample(key, members, tuple(p for p in members if p != "meta"), shard["name"])
+                    decode_sample(key, members, tuple(p for p in members if p != "meta"), shard["name"], self.manifest)
                     n += 1
                 if n != shard["samples"]:
                     problems.append(f"shard {shard['name']}: {n} samples, the manifest says {shard['samples']}")

@@ -1,18 +1,45 @@
-"""Atomic shard writing: a tar under a temporary name, fsync, rename; its record goes to the manifest
-only after the rename, so a reader never sees a shard that is not complete and checksummed."""
+"""Writing a cache: `CacheWriter` owns a cache folder's manifest and files while a job fills it.
+
+Every file lands atomically (`atomic_write`: a temporary name, fsync, rename, fsync of the folder);
+a shard's record goes to the manifest only after the shard's rename, and the manifest is rewritten
+after each shard, so a reader never sees a shard that is not complete and checksummed, and a killed
+job resumes after its last complete shard. Shards close at deterministic points (a sample count or a
+byte budget), so the same inputs give the same bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
+import json
 import tarfile
+import time
 from pathlib import Path
 
-from vlmkd.cache import format as fmt
-from vlmkd.cache.manifest import fsync_dir
+import numpy as np
 
-TMP_SUFFIX = ".tmp"
+from vlmkd.cache import format as fmt
+from vlmkd.cache.atomic import TMP_SUFFIX, atomic_write
+from vlmkd.cache.manifest import (
+    MANIFEST,
+    fingerprint,
+    fingerprint_diff,
+    new_manifest,
+    part_name,
+    read_manifest,
+    write_manifest,
+)
+from vlmkd.errors import CacheError
+
+# the teacher's files a student is built from, copied into CACHE/teacher/ (a cache is self-contained:
+# tokenizer, processor, chat template and config; never the weights)
+TEACHER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+                 "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+TEACHER_DIR = "teacher"
+VISION_FILE = "vision.safetensors"
+VAL_DIR = "val"
+VISION_PREFIXES = ("vision_tower.", "vision_model.")  # LLaVA, Idefics3 (LLaVA's tower holds a vision_model too): the vision module's name in a checkpoint
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -37,20 +64,216 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> tupl
                 tar.addfile(_tarinfo(name, len(blob)), io.BytesIO(blob))
                 payload_bytes[payload] = payload_bytes.get(payload, 0) + len(blob)
     data = buf.getvalue()
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, data)
     return len(data), hashlib.sha256(data).hexdigest(), payload_bytes
 
 
 def remove_temporaries(folder: Path) -> int:
     """Half-written shards or manifests of a killed job; they are never read, only removed."""
     n = 0
-    for p in folder.glob(f"*{TMP_SUFFIX}"):
+    for p in Path(folder).glob(f"*{TMP_SUFFIX}"):
         p.unlink()
         n += 1
     return n
+
+
+def copy_teacher_files(teacher: Path, out: Path) -> list[str]:
+    """The teacher's tokenizer, processor, chat template and config into OUT/teacher/ (each atomically),
+    so that a student is built from the cache alone; returns the names copied."""
+    dest = Path(out) / TEACHER_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name in TEACHER_FILES:
+        src = Path(teacher) / name
+        if src.is_file():
+            atomic_write(dest / name, src.read_bytes())
+            names.append(name)
+    return names
+
+
+def vision_weights(teacher: Path) -> dict[str, np.ndarray]:
+    """The teacher checkpoint's vision-tower tensors, keyed as the vision module names them (the
+    checkpoint's names after the module's prefix), read without loading the model."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(teacher).glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as st:
+            for key in st.keys():
+                for pre in VISION_PREFIXES:
+                    if pre in key:
+                        out[key.split(pre, 1)[1]] = st.get_tensor(key)
+                        break
+    return out
+
+
+def copy_validation(src: Path, dest: Path) -> tuple[int, int]:
+    """Rows of a LLaVA manifest into DEST/val.json with their images copied to DEST/images/; returns
+    (rows read, rows copied): rows that do not parse are left for the reader's reject path at use."""
+    from vlmkd.data.manifest import _rows
+
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    kept, n = [], 0
+    for i, (_, row) in enumerate(_rows(src)):
+        n += 1
+        if not isinstance(row, dict):
+            continue
+        img = row.get("image")
+        if isinstance(img, str) and (src.parent / img).is_file():
+            name = f"images/{i:07d}{Path(img).suffix}"
+            atomic_write(dest / name, (src.parent / img).read_bytes())
+            row = {**row, "image": name}
+        kept.append(row)
+    atomic_write(dest / "val.json", json.dumps(kept, indent=0).encode())
+    return n, len(kept)
+
+
+class CacheWriter:
+    """One job's cache part: open (new or resumed), add samples and rejects in row order, close shards,
+    put cache-level arrays, finish. `manifest` is the state on disk after each shard."""
+
+    def __init__(self, out: Path, fp: dict, data_path: str, n_rows: int, split: dict, overwrite: bool = False,
+                 samples_per_shard: int = 2048, max_shard_bytes: int = 512 * 2**20):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.out)
+        self.path = self.out / part_name(split["num_shards"], split["shard_index"])
+        self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
+        self.prefix = "shard-" if split["num_shards"] == 1 else f"part{split['shard_index']:03d}-"
+        manifest = None
+        if self.path.is_file() and not overwrite:
+            manifest = read_manifest(self.path)
+            diff = fingerprint_diff(fingerprint(manifest), fp)
+            if diff:
+                raise CacheError(f"{self.out} holds a cache made with other {', '.join(diff)}; use a new --out or "
+                                 "--overwrite")
+        self.manifest = manifest if manifest is not None else new_manifest(fp, data_path, n_rows, split)
+        self.resumed = manifest is not None
+        self._pending: list[tuple[str, dict[str, bytes]]] = []
+        self._rejects: list[dict] = []
+        self._bytes = 0
+        self._start = self.cursor
+        self._t = time.time()
+        self.new_shards = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["state"] == "complete"
+
+    @property
+    def cursor(self) -> int:
+        """The first data row not yet in a complete shard."""
+        sh = self.manifest["shards"]
+        return sh[-1]["end"] if sh else self.manifest["data"]["split"]["start"]
+
+    def add(self, index: int, members: dict[str, bytes]) -> None:
+        self._pending.append((fmt.sample_key(index), members))
+        self._bytes += sum(len(v) for v in members.values())
+
+    def reject(self, row: int, sample_id: str, source: str, reason: str) -> None:
+        self._rejects.append({"row": row, "id": sample_id, "source": source, "reason": reason})
+
+    def full(self) -> bool:
+        return len(self._pending) >= self.samples_per_shard or self._bytes >= self.max_shard_bytes
+
+    def close_shard(self, upto: int) -> None:
+        """Write the pending samples as the next shard covering rows [.., upto) and record it."""
+        name = f"{self.prefix}{len(self.manifest['shards']):06d}.tar"
+        nbytes, digest, per_payload = write_shard(self.out / name, self._pending)
+        metas = [json.loads(m["meta"]) for _, m in self._pending]
+        self.manifest["shards"].append({
+            "name": name, "start": self._start, "end": upto, "samples": len(self._pending),
+            "tokens": sum(m["tokens"] for m in metas), "scored_tokens": sum(m["scored"] for m in metas),
+            "visual_tokens": sum(m["visual_tokens"] for m in metas),
+            "bytes": nbytes, "sha256": digest, "payload_bytes": per_payload, "rejects": self._rejects,
+            "ids": [m["id"] for m in metas], "seconds": time.time() - self._t,
+        })
+        write_manifest(self.path, self.manifest)
+        self._pending, self._rejects, self._start, self._bytes = [], [], upto, 0
+        self.new_shards += 1
+        self._t = time.time()
+
+    def put_array(self, key: str, array: np.ndarray) -> None:
+        """A cache-level array (e.g. the LM head's Gram matrix) as OUT/KEY.npy, recorded as manifest[key]."""
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        data = buf.getvalue()
+        atomic_write(self.out / f"{key}.npy", data)
+        self.manifest[key] = {"file": f"{key}.npy", "sha256": hashlib.sha256(data).hexdigest(),
+                              "shape": list(array.shape)}
+
+    def put_teacher_files(self, teacher: Path) -> None:
+        """What a student is built from, so a copied cache needs no teacher folder: the teacher's
+        tokenizer, processor, chat template and config, and its vision tower's weights (a student
+        that starts from the teacher's encoder: `vision_from: teacher`)."""
+        files = copy_teacher_files(teacher, self.out)
+        vision = vision_weights(teacher)
+        if vision:
+            from safetensors.numpy import save
+
+            atomic_write(self.out / TEACHER_DIR / VISION_FILE, save(vision))
+            files.append(VISION_FILE)
+        self.manifest["teacher_files"] = {"dir": TEACHER_DIR, "files": files}
+
+    def put_validation(self, manifest_path: Path) -> None:
+        """A validation manifest held in the cache (OUT/val/val.json, its images beside it), so that
+        train-student evaluates from the cache alone. Rows are copied as they are, images renamed by row."""
+        rows, copied = copy_validation(Path(manifest_path), self.out / VAL_DIR)
+        self.manifest["validation"] = {"manifest": f"{VAL_DIR}/val.json", "rows": rows, "copied": copied,
+                                       "source": str(Path(manifest_path).resolve())}
+
+    def finish(self, end: int) -> dict:
+        if self._pending or self._rejects:
+            self.close_shard(end)
+        self.manifest["state"] = "complete"
+        write_manifest(self.path, self.manifest)
+        write_rejects(self.out, self.manifest)
+        return self.manifest
+
+
+def write_rejects(out: Path, manifest: dict) -> None:
+    """rejects.jsonl regenerated from the manifest: each reject exactly once, even across resumes."""
+    lines = [json.dumps(r) for s in manifest["shards"] for r in s["rejects"]]
+    name = "rejects.jsonl" if manifest["data"]["split"]["num_shards"] == 1 else \
+        f"rejects.part-{manifest['data']['split']['shard_index']:03d}.jsonl"
+    atomic_write(Path(out) / name, "".join(line + "\n" for line in lines).encode())
+
+
+def merge_parts(out: Path) -> dict:
+    """Join split jobs' part manifests into manifest.json: same fingerprint, contiguous disjoint rows."""
+    out = Path(out)
+    parts = sorted(out.glob("manifest.part-*-of-*.json"))
+    if not parts:
+        raise CacheError(f"{out}: no part manifests (manifest.part-*-of-*.json) to merge")
+    ms = [read_manifest(p) for p in parts]
+    n = ms[0]["data"]["split"]["num_shards"]
+    if len(ms) != n or sorted(m["data"]["split"]["shard_index"] for m in ms) != list(range(n)):
+        have = sorted(m["data"]["split"]["shard_index"] for m in ms)
+        raise CacheError(f"{out}: {n} parts expected, found indices {have}")
+    ms.sort(key=lambda m: m["data"]["split"]["shard_index"])
+    for p, m in zip(parts, ms, strict=True):
+        diff = fingerprint_diff(fingerprint(ms[0]), fingerprint(m))
+        if diff:
+            raise CacheError(f"{p}: made with other {', '.join(diff)} than part 0; parts of one cache must agree")
+        if m["state"] != "complete":
+            raise CacheError(f"{p}: part is not complete; re-run its job first")
+    for a, b in zip(ms, ms[1:], strict=False):
+        if a["data"]["split"]["end"] != b["data"]["split"]["start"]:
+            raise CacheError(f"{out}: parts do not tile the data rows ({a['data']['split']} then {b['data']['split']})")
+    ids: set[str] = set()
+    for m in ms:
+        for s in m["shards"]:
+            dup = ids.intersection(s["ids"])
+            if dup:
+                raise CacheError(f"{out}: sample id(s) {sorted(dup)[:5]} appear in two parts")
+            ids.update(s["ids"])
+    merged = {**ms[0], "shards": [s for m in ms for s in m["shards"]], "state": "complete",
+              "startup_seconds": sum(m.get("startup_seconds", 0.0) for m in ms)}
+    merged["data"] = {**ms[0]["data"], "split": {"num_shards": 1, "shard_index": 0, "start": 0,
+                                                 "end": ms[-1]["data"]["split"]["end"], "merged_parts": n}}
+    write_manifest(out / MANIFEST, merged)
+    write_rejects(out, merged)
+    return merged
+
+
+__all__ = ["CacheWriter", "atomic_write", "merge_parts", "remove_temporaries", "write_rejects", "write_shard"]

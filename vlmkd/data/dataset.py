@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from vlmkd.data.images import load_image, normalize, to_uint8
+from vlmkd.data.layout import Layout
 from vlmkd.data.manifest import Reject, Sample
 from vlmkd.data.rejects import RejectLog
 from vlmkd.data.template import Encoded, Tokenizer
 from vlmkd.errors import DataError
-from vlmkd.models.build import Layout
 
 
 @dataclass

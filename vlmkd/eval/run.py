@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmkd.data.items import load_items
 from vlmkd.data.rejects import RejectLog
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.models.build import data_tokenizer, load_model
 from vlmkd.progress import bar, console
-from vlmkd.train.prepare import load_items
 
 
 def evaluate_model(model_dir: Path, manifest: Path, limit: int | None = None, strict: bool = False,

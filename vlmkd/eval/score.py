@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs
+from vlmkd.data.layout import Layout
 from vlmkd.data.shapes import infer_question_type
-from vlmkd.models.build import Layout
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 

@@ -8,7 +8,6 @@ weighted by how much the text attends to it (its "text focus").
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def attention_kd(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor,
@@ -50,16 +49,3 @@ def focus_align(student_vis: torch.Tensor, teacher_vis: torch.Tensor, weights: t
     """
     d = ((student_vis - teacher_vis.to(student_vis.dtype)) ** 2).mean(-1)
     return (weights.to(d.dtype) * d).sum(-1).mean()
-
-
-def resample_grid(x: torch.Tensor, grid_from: int, grid_to: int) -> torch.Tensor:
-    """Resample the last dim, a grid_from x grid_from patch grid (row-major), to grid_to x grid_to
-    (area average when shrinking, bilinear when growing); used when student and teacher have different
-    numbers of visual tokens."""
-    if grid_from == grid_to:
-        return x
-    lead = x.shape[:-1]
-    img = x.reshape(-1, 1, grid_from, grid_from).float()
-    mode = "area" if grid_to < grid_from else "bilinear"
-    out = F.interpolate(img, size=(grid_to, grid_to), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return out.reshape(*lead, grid_to * grid_to).to(x.dtype)

@@ -11,7 +11,6 @@ config: `transformers.AutoModelForImageTextToText.from_pretrained(dir)` and vLLM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from vlmkd.data.images import PixelSpec
+from vlmkd.data.layout import Layout
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import ModelError
 from vlmkd.models import tokenizer as toks
@@ -112,27 +112,23 @@ def build_model(spec: dict, tok) -> torch.nn.Module:
 
 def copy_vision(model, source_dir) -> None:
     """Start from another model's vision tower (the teacher's), as LLaVA-KD's students share the
-    teacher's vision encoder; the configs must match."""
-    src, _ = load_model(source_dir)
+    teacher's vision encoder; the configs must match. `source_dir`: a model directory, or a cache's
+    teacher folder (config + vision.safetensors: the tower's weights alone)."""
+    source_dir = Path(source_dir)
+    tower = source_dir / "vision.safetensors"
+    if tower.is_file():
+        from safetensors.torch import load_file
+
+        src_cfg, state = AutoConfig.from_pretrained(str(source_dir)), load_file(str(tower))
+    else:
+        src, _ = load_model(source_dir)
+        src_cfg, state = src.config, parts_of(src)["vision"].state_dict()
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
-    a = {k: getattr(src.config.vision_config, k) for k in keys}
+    a = {k: getattr(src_cfg.vision_config, k) for k in keys}
     b = {k: getattr(model.config.vision_config, k) for k in keys}
     if a != b:
         raise ModelError(f"vision_from {source_dir}: its vision tower is {a}, the recipe asks {b}; make them equal")
-    parts_of(model)["vision"].load_state_dict(parts_of(src)["vision"].state_dict())
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What the data path needs to know of a model: its image block, token count and pixels."""
-
-    arch: str
-    image_token_id: int
-    num_image_tokens: int
-    image_block: list[int]
-    pixels: PixelSpec
-    max_length: int
-    patch_grid: int  # visual tokens per side (the 2-D grid the image tokens come from)
+    parts_of(model)["vision"].load_state_dict(state)
 
 
 def layout_of(config, tok) -> Layout:

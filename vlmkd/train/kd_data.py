@@ -14,31 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.images import normalize, to_uint8
+from vlmkd.data.layout import Layout
 from vlmkd.errors import CacheError, RecipeError
-from vlmkd.models.build import Layout
 from vlmkd.train.dist import dist_info
 from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
-from vlmkd.train.teachers import TeacherMix
-
-
-def needed_payloads(stages: list[Stage], logits: str = "topk") -> tuple[str, ...]:
-    """The payloads a recipe reads; `logits` is the cache's mode (its manifest's extraction.logits)."""
-    terms = {k for st in stages for k, w in st.losses.items() if w}
-    need = ["tokens", "image"]
-    if terms & {"res", "vis"}:
-        need.append(logits)
-    if terms & {"attn", "align"}:
-        need.append("attn")
-    if terms & {"rel", "align", "feat", "contrast"}:
-        need.append("hidden")
-    if any("text" in st.loss_args.get("contrast_on", ()) for st in stages if st.losses.get("contrast")):
-        need.append("pooled")
-    if "pref" in terms:
-        need.append("pref")
-    return tuple(need)
 
 
 def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray:

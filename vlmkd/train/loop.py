@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs, to_device
+from vlmkd.data.layout import Layout
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError, RecipeError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
-from vlmkd.models.build import Layout, parts_of, save_model
+from vlmkd.models.build import parts_of, save_model
 from vlmkd.models.moe import is_moe, upcycle
 from vlmkd.models.quant import QuantSpec, add_fake_quant, export_quantized, fake_quant_spec, plain_state_dict
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint

@@ -85,6 +85,11 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
             from vlmkd.models.quant import QuantSpec
 
             QuantSpec.parse(stage.qat)
+        from vlmkd.train.terms import (
+            check_loss_args,  # (terms import the losses; recipes stay light otherwise)
+        )
+
+        check_loss_args(stage, f"{source} stage {stage.name}")
         if stage.data not in DATA_KINDS:
             raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
         stages.append(stage)

@@ -6,31 +6,58 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.manifest import tokenizer_fingerprint
 from vlmkd.cache.reader import CacheReader
+from vlmkd.data.items import load_items
 from vlmkd.data.rejects import RejectLog
 from vlmkd.errors import RecipeError
 from vlmkd.models.build import build_model, data_tokenizer, load_model
 from vlmkd.progress import bar
 from vlmkd.train.dist import init_from_env
-from vlmkd.train.kd_data import CacheSource, needed_payloads
+from vlmkd.train.kd_data import CacheSource
 from vlmkd.train.loop import TrainResult, train
-from vlmkd.train.objectives import KDObjective
-from vlmkd.train.prepare import load_items
+from vlmkd.train.objectives import KDObjective, cache_facts
 from vlmkd.train.recipe import load_recipe
-from vlmkd.train.teachers import TeacherMix
 
 
-def _student(recipe, manifest: dict):
+def teacher_files(cache: Path, manifest: dict) -> Path:
+    """The folder the student's tokenizer (and the teacher's vision tower) come from: the cache's own
+    copy (CACHE/teacher/); for a cache written before caches carried it, the teacher folder it names."""
+    held = manifest.get("teacher_files")
+    if held:
+        return Path(cache) / held["dir"]
+    teacher = Path(manifest.get("teacher_path") or "")
+    if not (teacher / "config.json").is_file():
+        raise RecipeError(f"{cache} does not hold the teacher's tokenizer (a cache from before caches carried it) and "
+                          f"its teacher folder {str(teacher)!r} is not here: rebuild the cache, or set the recipe's "
+                          "model `tokenizer: DIR` (and `vision_from: DIR`)")
+    return teacher
+
+
+def validation_manifest(cache: Path, manifest: dict) -> Path:
+    """The validation data when none is named: the cache's own copy (`cache-teacher --val`); for a cache
+    without one, val.json beside the data manifest it was built from, if that is still there."""
+    held = manifest.get("validation")
+    if held:
+        return Path(cache) / held["manifest"]
+    beside = Path(manifest["data"]["manifest"]).with_name("val.json")
+    if beside.is_absolute() and beside.is_file():
+        return beside
+    raise RecipeError(f"{cache} holds no validation data and none was named: pass --val MANIFEST (or rebuild the cache "
+                      "with cache-teacher --val MANIFEST)")
+
+
+def _student(recipe, cache: Path, manifest: dict):
     """A student built from the recipe's `model:` (with the teacher's tokenizer, which the cache
     stores ids of) or loaded from `model: {path: DIR}`."""
     spec = recipe.model
     if "path" in spec:
         return load_model(spec["path"])
-    teacher = manifest.get("teacher_path")
+    teacher = None
+    if not spec.get("tokenizer") or spec.get("vision_from") == "teacher":
+        teacher = teacher_files(cache, manifest)
     tok_dir = spec.get("tokenizer") or teacher
-    if not tok_dir:
-        raise RecipeError("the recipe's model needs `tokenizer: DIR` (the cache does not record the teacher's path)")
     hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if spec.get("vision_from") == "teacher":
         spec = {**spec, "vision_from": teacher}
@@ -43,7 +70,7 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
                       teacher_weights: list[float] | None = None, teacher_mix: str = "average",
                       allow_partial: bool = False) -> TrainResult:
     """`cache`: one teacher cache, or several (different teachers over the same data: the first one
-    streams, the others' top-k targets join by sample id; `vlmkd.train.teachers`)."""
+    streams, the others' top-k targets join by sample id; `vlmkd.cache.join`)."""
     init_from_env()  # under torchrun: join the process group
     caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
     cache, others = caches[0], caches[1:]
@@ -51,16 +78,16 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
     if seed is not None:
         recipe.seed = seed
         recipe.model = {**recipe.model, "init_seed": seed}
-    manifest = CacheReader(cache, payloads=()).manifest
-    model, hf_tok = _student(recipe, manifest)
+    head = CacheReader(cache, payloads=(), verify=verify)
+    model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
+    head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
+    # the terms check the cache and say which payloads the run decodes
+    objective = KDObjective(model, cache_facts(head), recipe.stages)
     # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
-    mode = manifest["extraction"].get("logits", "topk")
-    reader = CacheReader(cache, payloads=needed_payloads(recipe.stages, mode), verify=verify,
-                         shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
-    reader.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
-    objective = KDObjective(model, reader, recipe.stages)
-    val_path = val or Path(reader.manifest["data"]["manifest"]).with_name("val.json")
+    reader = CacheReader(cache, payloads=objective.payloads, verify=verify, shuffle_buffer=shuffle_buffer,
+                         seed=recipe.seed, rank=0, world=1)
+    val_path = val or validation_manifest(cache, reader.manifest)
     out = Path(out)
     rejects = RejectLog(out / "rejects.jsonl")
     mix = None

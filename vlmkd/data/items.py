@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmkd.data.dataset import Item, encode_samples
+from vlmkd.data.layout import Layout
 from vlmkd.data.manifest import load_samples
 from vlmkd.data.rejects import RejectLog
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError
-from vlmkd.models.build import Layout
 from vlmkd.progress import bar
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmkd.data.items import load_items
 from vlmkd.data.manifest import load_samples
 from vlmkd.data.rejects import RejectLog
 from vlmkd.errors import DataError
@@ -11,7 +12,6 @@ from vlmkd.models.build import build_model, data_tokenizer
 from vlmkd.models.tokenizer import train_tokenizer
 from vlmkd.progress import bar, console
 from vlmkd.train.loop import ItemSource, TrainResult, train
-from vlmkd.train.prepare import load_items
 from vlmkd.train.recipe import load_recipe
 
 

@@ -1,0 +1,33 @@
+"""align: Align-KD's text-focused projection alignment: the student's projected visual tokens, through
+a learned map, against the teacher's projector outputs, each token weighted by the text's attention
+to it in the cache (text focus, averaged over every cached attention layer)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmkd.errors import RecipeError
+from vlmkd.losses import focus_align, text_focus
+from vlmkd.models.probe import visual_rows
+from vlmkd.train.terms.base import Setup, Step, Term
+
+
+class Align(Term):
+    name = "align"
+
+    def __init__(self, opts, setup: Setup):
+        super().__init__(opts, setup)
+        if setup.cache.extraction.get("hidden_dim"):
+            raise RecipeError(f"{setup.where}: 'align' needs full-width teacher hidden states (a cache without "
+                              "hidden_dim)")
+        setup.cache.need_point("projector", f"{setup.where}: loss 'align'")
+        self.payloads = ("attn", "hidden")
+        self.hidden_points = ("projector",)
+        self.point_index = setup.cache.points.index("projector")
+        self.map_key = setup.linear("align")
+
+    def loss(self, s: Step) -> torch.Tensor:
+        b = s.batch
+        s_vis = s.maps[self.map_key](visual_rows(s.probe, "projector", b["image_mask"]))
+        t_vis = b["t_hidden"][:, self.point_index]
+        return focus_align(s_vis, t_vis, text_focus(b["t_attn"], b["t_qmask"]))

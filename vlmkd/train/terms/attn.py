@@ -1,0 +1,67 @@
+"""attn: text-to-vision attention distillation (Align-KD's shallow layers), the student's eager
+attention at the chosen layers against the cache's maps; per layer pair under a layer map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmkd.errors import RecipeError
+from vlmkd.losses import attention_kd
+from vlmkd.train.layer_map import layer_pairs
+from vlmkd.train.terms.base import Setup, Step, Term
+
+
+@dataclass
+class AttnOptions:
+    attn_kind: str = "mse"  # mse | kl
+    attn_layers: list[int] | None = None  # default: every cached layer
+    layer_map: str | dict | None = None  # student -> teacher layer pairs (vlmkd.train.layer_map)
+
+    def __post_init__(self):
+        if self.attn_kind not in ("mse", "kl"):
+            raise RecipeError(f"loss_args.attn_kind {self.attn_kind!r}: choose mse or kl")
+
+
+class Attn(Term):
+    name = "attn"
+    options = AttnOptions
+
+    def __init__(self, opts: AttnOptions, setup: Setup):
+        super().__init__(opts, setup)
+        cached = setup.cache.attn_layers
+        self.payloads = ("attn",)
+        if opts.layer_map is not None:
+            pairs = layer_pairs(opts.layer_map, setup.student_layers, setup.cache.teacher.get("num_layers"))
+            gone = sorted({t for _, t in pairs} - set(cached))
+            if gone:
+                raise RecipeError(f"{setup.where}: layer_map needs the teacher's attention at layers {gone}; the "
+                                  f"cache has {cached} (a recipe's cache: attn_layers)")
+            self.attn_layers = tuple(sorted({ps for ps, _ in pairs}))
+            self.student_idx = [self.attn_layers.index(ps) for ps, _ in pairs]
+            self.teacher_idx = [cached.index(pt) for _, pt in pairs]
+        else:
+            layers = cached if opts.attn_layers is None else opts.attn_layers
+            gone = sorted(set(layers) - set(cached))
+            if gone:
+                raise RecipeError(f"{setup.where}: attn_layers {gone} are not in the cache (it has {cached}): "
+                                  f"rebuild it with --attn-layers {','.join(map(str, sorted({*cached, *gone})))}")
+            self.attn_layers = tuple(layers)
+            self.student_idx = list(range(len(layers)))
+            self.teacher_idx = [cached.index(li) for li in layers]
+
+    def loss(self, s: Step) -> torch.Tensor:
+        b = s.batch
+        qpos = b["t_qpos"]
+        maps = []
+        for li in self.attn_layers:
+            p = s.probe.attn[li].mean(1)  # [B, T, T], heads averaged as the cache stores them
+            B = p.shape[0]
+            rows = p[torch.arange(B)[:, None], qpos]  # [B, Q, T]
+            n = int(b["image_mask"][0].sum())
+            vis_idx = b["image_mask"].nonzero()[:, 1].reshape(B, n)
+            maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
+        s_maps = torch.stack(maps, 1)[:, self.student_idx]
+        t_maps = b["t_attn"][:, self.teacher_idx]
+        return attention_kd(s_maps, t_maps, b["t_qmask"], self.opts.attn_kind)

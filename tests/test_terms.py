@@ -77,7 +77,7 @@ def _terms_on_self(teacher_dir, cache, args=None, shift=0):
     for m in objective.proj.values():  # the learned maps as identities: equal widths here
         torch.nn.init.eye_(m.weight)
     reader = CacheReader(cache, payloads=objective.payloads)
-    batch = next(CacheSource(reader, layout, tok.pad_id).batches(0, stage, 0))
+    batch = next(CacheSource(reader, layout, tok.pad_id, workers=0).batches(0, stage, 0))
     if shift:
         for key in ("t_res", "t_vis"):
             batch[key] = torch.roll(batch[key], shift, dims=1)

@@ -173,6 +173,7 @@ def run(args) -> dict:
         if "params" not in results[name] and (first / "config.json").is_file():
             results[name]["params"] = parameter_counts(first)
     results["cost"] = cost
+    results["commit"] = code_commit()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "RESULTS.md").write_text(markdown(results, args))
     chart(results, args.out / "results.png")
@@ -274,12 +275,27 @@ def row_names(results: dict) -> list[str]:
     return [n for n in RECIPES if n in results] + sorted(variants, key=lambda n: results[n].get("logit_bytes_per_token", 0))
 
 
+def code_commit() -> str:
+    """The commit the rows come from (`+dirty` when the tree has uncommitted changes to tracked files)."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return sha + ("+dirty" if dirty else "")
+
+
 def mean_std(vals: list) -> dict | None:
-    """{mean, std} over the values that are not None (None when there are none)."""
+    """{mean, std} over the values that are not None (None when there are none); std is the sample SD
+    (n - 1 in the denominator), as every table of this project reports it."""
     vals = [v for v in vals if v is not None]
     if not vals:
         return None
-    return {"mean": statistics.mean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -315,8 +331,9 @@ def markdown(results: dict, args) -> str:
             lines.append(f"\n{name}: the row scores the exported integer model; the fake-quantised model it was "
                          f"trained as scores {fq['mean']:.3f} ± {fq['std']:.3f}.")
     quick = " --quick" if args.quick else ""
-    return (f"Students trained from one cache, same steps, data and seed per row; mean ± std over "
-            f"the seeds given in the runs column; n = {results['teacher']['n']} test questions.\n"
+    return (f"Students trained from one cache, same steps, data and seed per row; mean ± sample SD over "
+            f"the seeds given in the runs column; n = {results['teacher']['n']} test questions; code at "
+            f"commit {results.get('commit', '?')}.\n"
             f"Command: `python tools/reproduce.py --demo {args.demo} --out {args.out}{quick}`\n\n"
             + head + "\n".join(lines) + "\n\n" + cost_markdown(results, rows))
 

@@ -268,7 +268,10 @@ def train_student(
                                                      "of ids) or confidence (per position, the surest teacher)"),
     allow_partial: bool = typer.Option(False, help="several caches holding different samples: train on the "
                                                    "shared ones (the rest recorded in OUT/rejects.jsonl)"),
-    val: Path | None = typer.Option(None, help="validation manifest (default: val.json beside the cached data)"),
+    val: Path | None = typer.Option(None, help="validation manifest (default: the one the cache holds, from "
+                                               "cache-teacher --val)"),
+    data_workers: int = typer.Option(1, help="1: decode the cache in a worker process ahead of the step; 0: on "
+                                             "the trainer's thread (same batches)"),
     max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
     seed: int | None = typer.Option(None),
     no_verify: bool = typer.Option(False, help="skip shard checksums (faster start on trusted storage)"),
@@ -283,7 +286,8 @@ def train_student(
     _threads(threads)
     weights = [float(x) for x in teacher_weights.split(",")] if teacher_weights else None
     res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify, stop_after=stop_after,
-                            teacher_weights=weights, teacher_mix=teacher_mix, allow_partial=allow_partial)
+                            teacher_weights=weights, teacher_mix=teacher_mix, allow_partial=allow_partial,
+                            data_workers=data_workers)
     if stop_after and res.model_dir.name == "checkpoint":
         console.print(f"stopped after {res.steps} steps; checkpoint in {res.model_dir}; re-run to resume")
         return

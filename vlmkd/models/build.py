@@ -31,6 +31,7 @@ from vlmkd.data.layout import Layout
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import ModelError
 from vlmkd.models import tokenizer as toks
+from vlmkd.models.parts import parts_of
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -209,13 +210,3 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, num_layers:
 def data_tokenizer(model, tok) -> tuple[Tokenizer, Layout]:
     lay = layout_of(model.config, tok)
     return Tokenizer(tok, lay.image_block, lay.image_token_id, lay.max_length), lay
-
-
-def parts_of(model) -> dict[str, torch.nn.Module]:
-    """The three trainable groups of a VLM: vision tower, projector (connector), LLM (with LM head)."""
-    inner = model.model
-    if model.config.model_type == "idefics3":
-        vision, projector, llm = inner.vision_model, inner.connector, inner.text_model
-    else:
-        vision, projector, llm = inner.vision_tower, inner.multi_modal_projector, inner.language_model
-    return {"vision": vision, "projector": projector, "llm": torch.nn.ModuleList([llm, model.lm_head])}

@@ -21,14 +21,10 @@ import torch
 from transformers import MixtralConfig
 
 from vlmkd.errors import ModelError
+from vlmkd.models.parts import text_model
 
 DEFAULT_EXPERTS = 4
 DEFAULT_TOP_K = 2
-
-
-def _text_of(model):
-    inner = model.model
-    return inner.text_model if model.config.model_type == "idefics3" else inner.language_model
 
 
 def is_moe(model) -> bool:
@@ -67,9 +63,9 @@ def upcycle(model, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP_K, a
     new = model.__class__(cfg).to(next(model.parameters()).dtype)
     new.generation_config = model.generation_config
     dense = model.state_dict()
-    moe_prefixes = tuple(_mlp_prefix(new, i) + "." for i in range(len(_text_of(model).layers)))
+    moe_prefixes = tuple(_mlp_prefix(new, i) + "." for i in range(len(text_model(model).layers)))
     state = {name: dense[name] for name in new.state_dict() if not name.startswith(moe_prefixes)}
-    for i, layer in enumerate(_text_of(model).layers):
+    for i, layer in enumerate(text_model(model).layers):
         prefix = _mlp_prefix(new, i)
         gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], 0)
         state[f"{prefix}.experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(experts, 1, 1)
@@ -82,7 +78,7 @@ def upcycle(model, experts: int = DEFAULT_EXPERTS, top_k: int = DEFAULT_TOP_K, a
 
 
 def _mlp_prefix(model, layer: int) -> str:
-    text = _text_of(model)
+    text = text_model(model)
     names = [n for n, mod in model.named_modules() if mod is text.layers[layer].mlp]
     if len(names) != 1:
         raise ModelError(f"cannot find the LLM's layer {layer} MLP ({names})")
@@ -90,7 +86,7 @@ def _mlp_prefix(model, layer: int) -> str:
 
 
 def routers(model) -> list[torch.nn.Module]:
-    return [m for m in _text_of(model).modules() if m.__class__.__name__ == "MixtralTopKRouter"]
+    return [m for m in text_model(model).modules() if m.__class__.__name__ == "MixtralTopKRouter"]
 
 
 @contextlib.contextmanager
@@ -143,5 +139,5 @@ def active_parameters(model) -> tuple[int, int]:
     if not is_moe(model):
         return total, total
     tc = model.config.text_config
-    expert = sum(p.numel() for n, p in _text_of(model).named_parameters() if ".experts." in n)
+    expert = sum(p.numel() for n, p in text_model(model).named_parameters() if ".experts." in n)
     return total, total - expert + expert * tc.num_experts_per_tok // tc.num_local_experts

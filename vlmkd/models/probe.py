@@ -19,16 +19,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from vlmkd.errors import ModelError
-
-
-def text_model(model):
-    inner = model.model
-    return inner.text_model if model.config.model_type == "idefics3" else inner.language_model
-
-
-def connector(model):
-    inner = model.model
-    return inner.connector if model.config.model_type == "idefics3" else inner.multi_modal_projector
+from vlmkd.models.parts import connector, text_model
 
 
 @dataclass

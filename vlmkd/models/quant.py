@@ -24,7 +24,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from vlmkd.errors import RecipeError
-from vlmkd.models.probe import text_model
+from vlmkd.models.parts import text_model
 
 
 @dataclass(frozen=True)

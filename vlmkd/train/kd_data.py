@@ -120,10 +120,18 @@ def _right_pad(rows: list[np.ndarray], pad_id: int, *flags: list[np.ndarray]) ->
 
 
 class CacheSource:
-    """Student batches streamed from a teacher cache, resumable at any micro-step."""
+    """Student batches streamed from a teacher cache, resumable at any micro-step.
 
-    def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None):
+    With `workers` = 1 (the default) the shards are read, decoded and collated in a DataLoader worker
+    process, a few batches ahead of the step, so the trainer never waits on decoding; the batches and
+    their order are exactly those of `workers` = 0 (decoding on the trainer's thread), and so is resume."""
+
+    def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None,
+                 workers: int = 1, prefetch: int = 4):
+        if workers not in (0, 1):
+            raise RecipeError(f"data workers: 0 (the trainer's thread) or 1 (a decoding process), not {workers}")
         self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix
+        self.workers, self.prefetch = workers, prefetch
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
@@ -143,15 +151,35 @@ class CacheSource:
             if got == 0:
                 raise CacheError(f"{self.reader.root}: no cached samples for stage {stage.name} ({stage.data!r})")
 
+    def _dealt(self, stage: Stage, micro_start: int, rank: int, world: int) -> Iterator[dict]:
+        stream = self._stream(stage, micro_start * stage.batch_size)
+        while True:
+            glob = [next(stream) for _ in range(stage.batch_size)]
+            yield collate_kd(glob[rank::world], self.layout, self.pad_id)
+
     def batches(self, si: int, stage: Stage, micro_start: int):
         """This rank's share of each global batch: global batch g is samples [g*B, (g+1)*B) of the
         cache's seeded stream, and rank r takes positions r, r + W, ... of it. So every rank count sees
         the same global batches (a 2-process run follows a 1-process run) and, per epoch, every sample
         exactly once across ranks. Each rank reads all shards to do so (decoding only its own)."""
-        rank, world = dist_info()
+        rank, world = dist_info()  # here, in the trainer's process: a worker has no process group
         if stage.batch_size % world:
             raise RecipeError(f"stage {stage.name}: batch_size {stage.batch_size} does not split over {world} ranks")
-        stream = self._stream(stage, micro_start * stage.batch_size)
-        while True:
-            glob = [next(stream) for _ in range(stage.batch_size)]
-            yield collate_kd(glob[rank::world], self.layout, self.pad_id)
+        if self.workers == 0:
+            return self._dealt(stage, micro_start, rank, world)
+        loader = torch.utils.data.DataLoader(_Batches(self, stage, micro_start, rank, world), batch_size=None,
+                                             num_workers=1, prefetch_factor=self.prefetch,
+                                             # the worker's seed from a private generator: the trainer's
+                                             # global torch RNG is left as it was (same run as workers=0)
+                                             generator=torch.Generator().manual_seed(0))
+        return iter(loader)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """One stage's batch stream, run inside the DataLoader's worker process."""
+
+    def __init__(self, source: CacheSource, stage: Stage, micro_start: int, rank: int, world: int):
+        self.source, self.stage, self.micro_start, self.rank, self.world = source, stage, micro_start, rank, world
+
+    def __iter__(self):
+        return self.source._dealt(self.stage, self.micro_start, self.rank, self.world)

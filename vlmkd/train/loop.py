@@ -23,8 +23,9 @@ from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError, RecipeError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
-from vlmkd.models.build import parts_of, save_model
+from vlmkd.models.build import save_model
 from vlmkd.models.moe import is_moe, upcycle
+from vlmkd.models.parts import parts_of
 from vlmkd.models.quant import QuantSpec, add_fake_quant, export_quantized, fake_quant_spec, plain_state_dict
 from vlmkd.train.checkpoint import find_checkpoint, load_state, save_checkpoint
 from vlmkd.train.dist import (

@@ -68,9 +68,10 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
                       max_steps: int | None = None, seed: int | None = None, verify: bool = True,
                       shuffle_buffer: int = 256, stop_after: int | None = None,
                       teacher_weights: list[float] | None = None, teacher_mix: str = "average",
-                      allow_partial: bool = False) -> TrainResult:
+                      allow_partial: bool = False, data_workers: int = 1) -> TrainResult:
     """`cache`: one teacher cache, or several (different teachers over the same data: the first one
-    streams, the others' top-k targets join by sample id; `vlmkd.cache.join`)."""
+    streams, the others' top-k targets join by sample id; `vlmkd.cache.join`). `data_workers`: 1 decodes
+    the cache in a DataLoader worker process ahead of the step, 0 on the trainer's thread (same batches)."""
     init_from_env()  # under torchrun: join the process group
     caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
     cache, others = caches[0], caches[1:]
@@ -96,5 +97,5 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
                          teacher_weights, teacher_mix, allow_partial, rejects)
     val_items = load_items(val_path, tok, layout, rejects)
     with bar() as p:
-        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix), val_items, out,
+        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix, data_workers), val_items, out,
                      objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--data-workers", default="1", help="comma-separated: 0 (trainer's thread), 1 (a worker)")
+    ap.add_argument("--data-workers", default="0,1", help="comma-separated: 0 (trainer's thread), 1 (a worker)")
     ap.add_argument("--val", type=Path, default=None, help="validation manifest (default: the cache's own)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

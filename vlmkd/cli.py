@@ -270,8 +270,9 @@ def train_student(
                                                    "shared ones (the rest recorded in OUT/rejects.jsonl)"),
     val: Path | None = typer.Option(None, help="validation manifest (default: the one the cache holds, from "
                                                "cache-teacher --val)"),
-    data_workers: int = typer.Option(1, help="1: decode the cache in a worker process ahead of the step; 0: on "
-                                             "the trainer's thread (same batches)"),
+    data_workers: str = typer.Option("auto", help="1: decode the cache in a worker process ahead of the step; 0: "
+                                                  "on the trainer's thread (same batches); auto: 1 on a GPU, 0 on "
+                                                  "the CPU"),
     max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
     seed: int | None = typer.Option(None),
     no_verify: bool = typer.Option(False, help="skip shard checksums (faster start on trusted storage)"),
@@ -287,7 +288,7 @@ def train_student(
     weights = [float(x) for x in teacher_weights.split(",")] if teacher_weights else None
     res = train_student_run(recipe, cache, out, val, max_steps, seed, verify=not no_verify, stop_after=stop_after,
                             teacher_weights=weights, teacher_mix=teacher_mix, allow_partial=allow_partial,
-                            data_workers=data_workers)
+                            data_workers=data_workers if data_workers == "auto" else int(data_workers))
     if stop_after and res.model_dir.name == "checkpoint":
         console.print(f"stopped after {res.steps} steps; checkpoint in {res.model_dir}; re-run to resume")
         return

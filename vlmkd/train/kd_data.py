@@ -122,12 +122,16 @@ def _right_pad(rows: list[np.ndarray], pad_id: int, *flags: list[np.ndarray]) ->
 class CacheSource:
     """Student batches streamed from a teacher cache, resumable at any micro-step.
 
-    With `workers` = 1 (the default) the shards are read, decoded and collated in a DataLoader worker
-    process, a few batches ahead of the step, so the trainer never waits on decoding; the batches and
-    their order are exactly those of `workers` = 0 (decoding on the trainer's thread), and so is resume."""
+    With `workers` = 1 the shards are read, decoded and collated in a DataLoader worker process, a few
+    batches ahead of the step, so a GPU trainer never waits on decoding; the batches and their order
+    are exactly those of `workers` = 0 (decoding on the trainer's thread), and so is resume. "auto"
+    (the default): 1 when the student trains on a GPU, 0 on the CPU, where the worker only takes cores
+    from the step (measured: docs/PERFORMANCE.md, tools/bench_step.py)."""
 
     def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None,
-                 workers: int = 1, prefetch: int = 4):
+                 workers: int | str = "auto", prefetch: int = 4):
+        if workers == "auto":
+            workers = 1 if torch.cuda.is_available() else 0
         if workers not in (0, 1):
             raise RecipeError(f"data workers: 0 (the trainer's thread) or 1 (a decoding process), not {workers}")
         self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix

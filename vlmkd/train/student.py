@@ -68,10 +68,11 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
                       max_steps: int | None = None, seed: int | None = None, verify: bool = True,
                       shuffle_buffer: int = 256, stop_after: int | None = None,
                       teacher_weights: list[float] | None = None, teacher_mix: str = "average",
-                      allow_partial: bool = False, data_workers: int = 1) -> TrainResult:
+                      allow_partial: bool = False, data_workers: int | str = "auto") -> TrainResult:
     """`cache`: one teacher cache, or several (different teachers over the same data: the first one
     streams, the others' top-k targets join by sample id; `vlmkd.cache.join`). `data_workers`: 1 decodes
-    the cache in a DataLoader worker process ahead of the step, 0 on the trainer's thread (same batches)."""
+    the cache in a DataLoader worker process ahead of the step, 0 on the trainer's thread (same batches),
+    auto: 1 on a GPU, 0 on the CPU."""
     init_from_env()  # under torchrun: join the process group
     caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
     cache, others = caches[0], caches[1:]

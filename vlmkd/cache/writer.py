@@ -32,14 +32,13 @@ from vlmkd.cache.manifest import (
 from vlmkd.errors import CacheError
 
 # the teacher's files a student is built from, copied into CACHE/teacher/ (a cache is self-contained:
-# tokenizer, processor, chat template and config; never the weights)
+# tokenizer, processor, chat template and config; of the weights only the vision tower, VISION_FILE)
 TEACHER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
                  "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 TEACHER_DIR = "teacher"
 VISION_FILE = "vision.safetensors"
 VAL_DIR = "val"
-VISION_PREFIXES = ("vision_tower.", "vision_model.")  # LLaVA, Idefics3 (LLaVA's tower holds a vision_model too): the vision module's name in a checkpoint
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -93,17 +92,19 @@ def copy_teacher_files(teacher: Path, out: Path) -> list[str]:
 
 def vision_weights(teacher: Path) -> dict[str, np.ndarray]:
     """The teacher checkpoint's vision-tower tensors, keyed as the vision module names them (the
-    checkpoint's names after the module's prefix), read without loading the model."""
+    checkpoint's names after `model.<tower>.`), read without loading the model."""
     from safetensors import safe_open
 
+    from vlmkd.models.parts import part_names
+
+    model_type = json.loads((Path(teacher) / "config.json").read_text())["model_type"]
+    prefix = f"model.{part_names(model_type)[0]}."
     out = {}
     for f in sorted(Path(teacher).glob("*.safetensors")):
         with safe_open(str(f), framework="np") as st:
             for key in st.keys():
-                for pre in VISION_PREFIXES:
-                    if pre in key:
-                        out[key.split(pre, 1)[1]] = st.get_tensor(key)
-                        break
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = st.get_tensor(key)
     return out
 
 

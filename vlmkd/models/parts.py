@@ -6,10 +6,16 @@ from __future__ import annotations
 import torch
 
 
-def _names(model) -> tuple[str, str, str]:
-    if model.config.model_type == "idefics3":
+def part_names(model_type: str) -> tuple[str, str, str]:
+    """(vision tower, connector, language model): their attribute names under the model's `.model`,
+    which are also their names in a saved checkpoint (`model.NAME.…`)."""
+    if model_type == "idefics3":
         return "vision_model", "connector", "text_model"
     return "vision_tower", "multi_modal_projector", "language_model"
+
+
+def _names(model) -> tuple[str, str, str]:
+    return part_names(model.config.model_type)
 
 
 def vision_tower(model) -> torch.nn.Module:

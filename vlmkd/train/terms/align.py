@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from vlmkd.errors import RecipeError
 from vlmkd.losses import focus_align, text_focus
 from vlmkd.models.probe import visual_rows
 from vlmkd.train.terms.base import Setup, Step, Term
@@ -17,9 +16,7 @@ class Align(Term):
 
     def __init__(self, opts, setup: Setup):
         super().__init__(opts, setup)
-        if setup.cache.extraction.get("hidden_dim"):
-            raise RecipeError(f"{setup.where}: 'align' needs full-width teacher hidden states (a cache without "
-                              "hidden_dim)")
+        setup.cache.need_full_width(f"{setup.where}: loss 'align'")
         setup.cache.need_point("projector", f"{setup.where}: loss 'align'")
         self.payloads = ("attn", "hidden")
         self.hidden_points = ("projector",)

@@ -100,6 +100,10 @@ class CacheFacts:
     def hidden_dim(self) -> int:
         return self.extraction.get("hidden_dim") or self.teacher["hidden_size"]
 
+    def need_full_width(self, where: str) -> None:
+        if self.extraction.get("hidden_dim"):
+            raise RecipeError(f"{where} needs full-width teacher hidden states (a cache without hidden_dim)")
+
     def need_point(self, point: str, where: str) -> None:
         if point not in self.points:
             raise RecipeError(f"{where} needs the teacher's hidden states at {point!r}; the cache has {self.points}: "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from vlmkd.errors import RecipeError
 from vlmkd.losses import relation_kd
 from vlmkd.models.probe import visual_rows
 from vlmkd.train.terms.base import Setup, Step, Term
@@ -16,9 +15,7 @@ class Rel(Term):
 
     def __init__(self, opts, setup: Setup):
         super().__init__(opts, setup)
-        if setup.cache.extraction.get("hidden_dim"):
-            raise RecipeError(f"{setup.where}: 'rel' needs full-width teacher hidden states (a cache without "
-                              "hidden_dim)")
+        setup.cache.need_full_width(f"{setup.where}: loss 'rel'")
         setup.cache.need_point("final", f"{setup.where}: loss 'rel'")
         self.payloads = ("hidden",)
         self.hidden_points = ("final",)

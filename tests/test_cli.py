@@ -76,4 +76,6 @@ def test_quick_fault_campaign(tmp_path):
     assert r["trainer_kills"]["equal"] == r["trainer_kills"]["runs"] == 1
     assert r["corruptions"]["detected"] == r["corruptions"]["named"] == 40
     assert all(v["refused"] and v["named"] for v in r["hostile"].values())
-    assert r["fuzz"]["ok"] and r["fuzz"]["outcomes"]["crash"] == 0
+    assert r["fuzz"]["ok"] and r["fuzz"]["outcomes"]["crash"] == 0 and r["fuzz"]["outcomes"]["dropped"] == 0
+    e2e = r["fuzz"]["end_to_end"]  # every case's rows through cache-teacher, training and eval
+    assert e2e["ok"] and e2e["cache"]["samples"] > 0 and e2e["train"]["steps"] == 8

@@ -59,9 +59,12 @@ def test_bad_rows_become_named_rejects(tmp_path):
 def test_missing_manifest_and_non_list(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_samples(tmp_path / "nope.json")
-    (tmp_path / "d.json").write_text(json.dumps({"id": 1}))
-    with pytest.raises(DataError, match="must be a list"):
-        load_samples(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text(json.dumps({"id": 1}))  # one object: a one-row JSONL, whatever the suffix
+    samples, (reject,) = load_samples(tmp_path / "d.json")
+    assert not samples and "non-empty list of turns" in reject.reason
+    (tmp_path / "p.json").write_text(json.dumps({"id": 1}, indent=1))  # pretty-printed: named as such
+    _, rejects = load_samples(tmp_path / "p.json")
+    assert "pretty-printed JSON object" in rejects[0].reason
 
 
 def test_image_placeholder_added_when_absent(tmp_path):

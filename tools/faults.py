@@ -7,8 +7,12 @@ On a small shapes set and a tiny Idefics3 teacher built here (or --teacher/--dat
    an uninterrupted run's (CPU, same seed);
 3. random byte flips and truncations of shards and the manifest: corruptions that `cache verify` or
    the reader detect and name;
-4. fuzzed manifest rows (hypothesis): cases ending in a sample, a named error or a recorded reject,
-   never a crash or a silent drop;
+4. fuzzed manifests (hypothesis): every format vlmkd reads, text-only / several-image / multi-turn
+   rows, odd encodings (BOM, UTF-16, a Latin-1 line) and odd images (16-bit, alpha, palette, CMYK,
+   EXIF, missing, broken, oversized, URLs): each case read, encoded, batched and run through the
+   teacher, ending in samples, a named error or recorded rejects, never a crash or a silent drop;
+   then all the cases' rows at once through cache-teacher, a student's training steps and eval,
+   with the counts adding up at each;
 5. hostile shards (`../` and absolute member names, a symlink, a pickled .npy): each refused, named.
 
     python tools/faults.py --quick --json faults.json
@@ -243,63 +247,171 @@ def hostile(cache: Path, work: Path) -> dict:
     return cases
 
 
-def fuzz(work: Path, n: int, image: Path) -> dict:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
+def fuzz_images(folder: Path, image: Path) -> list[str]:
+    """Image files as they come: fine, broken, oversized, missing, 16-bit, alpha, palette, CMYK, EXIF-rotated."""
     from PIL import Image
 
-    from vlmkd.data.dataset import encode_samples
+    shutil.copy(image, folder / "ok.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    Image.new("RGB", (4000, 3000), (10, 20, 30)).save(folder / "huge.png")
+    Image.fromarray((np.arange(96 * 80, dtype=np.uint32).reshape(80, 96) * 8).astype(np.uint16)).save(folder / "g16.png")
+    Image.new("RGBA", (50, 70), (200, 10, 10, 90)).save(folder / "rgba.png")
+    Image.open(image).convert("P").save(folder / "pal.png")
+    Image.open(image).convert("CMYK").save(folder / "cmyk.jpg")
+    im = Image.open(image).convert("RGB").resize((120, 60))
+    exif = im.getexif()
+    exif[0x0112] = 8
+    im.save(folder / "exif.jpg", exif=exif)
+    Image.new("L", (1, 1)).save(folder / "dot.png")
+    return ["ok.png", "broken.png", "huge.png", "missing.png", "g16.png", "rgba.png", "pal.png", "cmyk.jpg",
+            "exif.jpg", "dot.png", "", "/etc/passwd", "https://example.com/a.jpg"]
+
+
+def fuzz(work: Path, n: int, image: Path) -> dict:
+    """Fuzzed manifests through reading, encoding, batching and a teacher forward per case; then every
+    case's rows at once through a real cache job, a student's training steps and eval. Each row must
+    end as a sample or a named reject (the counts add up), never a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vlmkd.data.dataset import collate, encode_samples
     from vlmkd.data.manifest import Reject, read_manifest
     from vlmkd.data.rejects import RejectLog
     from vlmkd.errors import DataError
-    from vlmkd.models.build import data_tokenizer, load_model
+    from vlmkd.teacher.hf_backend import Extraction, HFTeacher
 
-    model, hf = load_model(work / "teacher")
-    tok, layout = data_tokenizer(model, hf)
+    teacher = HFTeacher(work / "teacher", Extraction(topk=8, attn_layers=[0], hidden_points=["projector", "final"]))
+    tok, layout = teacher.tok, teacher.layout
     fuzzdir = work / "fuzz"
     fuzzdir.mkdir(exist_ok=True)
-    shutil.copy(image, fuzzdir / "ok.png")
-    (fuzzdir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
-    Image.new("RGB", (4000, 3000), (10, 20, 30)).save(fuzzdir / "huge.png")
+    images = fuzz_images(fuzzdir, image)
     text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
         ["<image>", "<image><image>", "", " ", "word " * 300, "\u202e\u0000\ud7ff", "<end_of_utterance>"])
+    img = st.sampled_from(images) | st.integers()
     turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "user", "assistant", "system", "robot"]) | st.integers(),
                                   "value": text | st.integers() | st.none()})
-    valid = {"id": "v", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat shape?"},
-                                                             {"from": "gpt", "value": "circle"}]}
-    good = st.builds(lambda v: {**valid, "id": f"v{v}"}, st.integers(0, 10**6))  # some rows must be fine
+    role_turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "model", "x"]),
+                                       "content": text | st.lists(st.sampled_from(
+                                           [{"type": "text", "text": "What shape?"}, {"type": "image"},
+                                            {"type": "image", "image": "ok.png"}, {"type": "video"}]), max_size=3)})
+    qa = [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "circle"}]
+    uid = st.integers(0, 10**9)
+    good = st.one_of(  # rows that must be fine: LLaVA, text-only, multi-turn, the other formats
+        st.builds(lambda v, im: {"id": f"v{v}", "image": im, "conversations": qa}, uid, st.sampled_from(images[:10])),
+        st.builds(lambda v: {"id": f"t{v}", "conversations": [{"from": "human", "value": "What is 2+2?"},
+                                                               {"from": "gpt", "value": "four"}]}, uid),
+        st.builds(lambda v: {"id": f"m{v}", "image": "ok.png", "conversations": qa + [
+            {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "red"}]}, uid),
+        st.builds(lambda v: {"messages": [{"role": "user", "content": f"What shape? {v}"},
+                                          {"role": "assistant", "content": "circle"}], "images": ["ok.png"]}, uid),
+        st.builds(lambda v: {"instruction": f"Name it {v}", "input": "", "output": "circle", "images": ["ok.png"]}, uid),
+        st.builds(lambda v: {"id": f"s{v}", "images": ["ok.png", "ok.png"], "conversations": [
+            {"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "yes"}]}, uid))
     row = good | st.fixed_dictionaries({}, optional={
         "id": st.text(max_size=12) | st.integers() | st.none(),
-        "image": st.sampled_from(["ok.png", "broken.png", "huge.png", "missing.png", "", "/etc/passwd"]) | st.integers(),
-        "conversations": st.lists(turn, max_size=4) | st.text(max_size=5) | st.none()}) | st.integers() | st.text(max_size=8)
-    outcomes = {"sample": 0, "reject": 0, "named_error": 0, "crash": 0, "dropped": 0}
-    crashes = []
+        "image": img | st.lists(img, max_size=3),
+        "images": st.lists(img, max_size=3) | img,
+        "conversations": st.lists(turn, max_size=4) | st.lists(role_turn, max_size=3) | st.text(max_size=5) | st.none(),
+        "messages": st.lists(role_turn, max_size=3),
+        "instruction": text | st.integers(), "output": text, "history": st.lists(st.lists(text, max_size=3), max_size=2),
+    }) | st.integers() | st.text(max_size=8)
+    encodings = ["utf-8", "utf-8-bom", "utf-16", "latin-1-line"]
+    outcomes = {"sample": 0, "reject": 0, "named_error": 0, "crash": 0, "dropped": 0, "rows": 0}
+    crashes: list[str] = []
+    all_rows: list[bytes] = []  # every case's JSONL rows, for the end-to-end pass
 
     @settings(max_examples=n, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(rows=st.lists(row, min_size=1, max_size=4), as_jsonl=st.booleans())
-    def case(rows, as_jsonl):
-        path = fuzzdir / ("m.jsonl" if as_jsonl else "m.json")
-        path.write_text("\n".join(json.dumps(r) for r in rows) if as_jsonl else json.dumps(rows))
+    @given(rows=st.lists(row, min_size=1, max_size=4), as_jsonl=st.booleans(), enc=st.sampled_from(encodings))
+    def case(rows, as_jsonl, enc):
+        path = fuzzdir / ("m.JSONL" if as_jsonl else "m.json")
+        lines = [json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass") for r in rows]
+        if enc == "latin-1-line":  # one row re-encoded as Latin-1 (its own reject on JSONL; the whole file on JSON)
+            lines[0] = json.dumps({"id": "caf\xe9", "conversations": qa}, ensure_ascii=False).encode("latin-1")
+        body = b"\n".join(lines) if as_jsonl else b"[" + b",".join(lines) + b"]"
+        if enc == "utf-8-bom":
+            body = b"\xef\xbb\xbf" + body
+        elif enc == "utf-16":
+            body = body.decode("utf-8", "surrogatepass").encode("utf-16", "surrogatepass")
+        path.write_bytes(body)
+        outcomes["rows"] += len(rows)
         try:
             got = list(read_manifest(path))
             samples = [g for g in got if not isinstance(g, Reject)]
             log = RejectLog(None)
             items = encode_samples(samples, tok, layout, log)
+            if items:  # batching and the teacher's forward over the mixed rows
+                collate(items, layout, tok.pad_id)
+                teacher.extract(items)
             accounted = len(items) + log.count + (len(got) - len(samples))
             if accounted != len(rows):
                 outcomes["dropped"] += 1
             outcomes["sample"] += len(items)
             outcomes["reject"] += log.count + len(got) - len(samples)
+            if as_jsonl and enc in ("utf-8", "utf-8-bom", "latin-1-line"):
+                all_rows.extend(lines)
         except DataError:
             outcomes["named_error"] += 1
         except Exception as e:  # noqa: BLE001 - a crash is what the campaign counts
             outcomes["crash"] += 1
-            crashes.append(f"{type(e).__name__}: {str(e)[:120]}")
+            crashes.append(f"{type(e).__name__}: {str(e)[:160]}")
 
     case()
-    cases = n
-    return {"cases": cases, "outcomes": outcomes, "crash_examples": crashes[:5],
-            "ok": outcomes["crash"] == 0 and outcomes["dropped"] == 0}
+    report = {"cases": n, "outcomes": outcomes, "crash_examples": crashes[:5]}
+    report["end_to_end"] = fuzz_end_to_end(work, fuzzdir, all_rows)
+    report["ok"] = outcomes["crash"] == 0 and outcomes["dropped"] == 0 and report["end_to_end"]["ok"]
+    return report
+
+
+def fuzz_end_to_end(work: Path, fuzzdir: Path, rows: list[bytes]) -> dict:
+    """All the fuzz cases' JSONL rows in one manifest: cache-teacher, a student's steps, eval."""
+    from vlmkd.cache.reader import CacheReader
+    from vlmkd.eval.run import evaluate_model
+    from vlmkd.teacher.hf_backend import Extraction
+    from vlmkd.teacher.job import CacheJob, run_cache_job
+    from vlmkd.train.student import train_student_run
+
+    qa = [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "circle"}]
+    base = []  # good rows of each kind among the fuzzed ones, so that training has a mixed set to run on
+    for i in range(8):
+        base += [{"id": f"e2e-img{i}", "image": ["ok.png", "g16.png", "exif.jpg", "cmyk.jpg"][i % 4], "conversations": qa},
+                 {"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                               {"role": "assistant", "content": str(2 * i)}]},
+                 {"id": f"e2e-multi{i}", "image": "rgba.png", "conversations": qa + [
+                     {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]}]
+    rows = [json.dumps(r).encode() for r in base] + rows
+    manifest = fuzzdir / "all.jsonl"
+    manifest.write_bytes(b"\n".join(rows) + b"\n")
+    out: dict = {"rows": len(rows)}
+    try:
+        cache = work / "fuzz_cache"
+        settings = Extraction(topk=8, attn_layers=[0], hidden_points=["projector", "final"])
+        man = run_cache_job(CacheJob(work / "teacher", manifest, cache, settings, samples_per_shard=64, val=manifest))
+        cached = sum(1 for _ in CacheReader(cache, payloads=("tokens", "image", "attn", "hidden")).samples())
+        out["cache"] = {**man["counts"], "read_back": cached}
+        recipe = work / "fuzz_recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"name": "fuzz", "model": {
+            "arch": "idefics3", "image_size": 96, "scale_factor": 2, "max_positions": 128, "vision_from": "teacher",
+            "vision": {"hidden": 32, "layers": 1, "heads": 2, "patch": 16, "intermediate": 64},
+            "text": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}},
+            "eval_every": 4, "eval_samples": 16, "save_every": 100, "log_every": 1,
+            "stages": [{"name": "kd", "steps": 8, "batch_size": 8, "lr": 3e-3, "warmup": 1,
+                        "losses": {"ce": 1.0, "res": 1.0, "attn": 1.0, "align": 1.0, "feat": 1.0},
+                        "loss_args": {"attn_layers": [0]}}]}))
+        res = train_student_run(recipe, cache, work / "fuzz_run")
+        steps = [json.loads(x) for x in (work / "fuzz_run" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in steps if r["kind"] == "train"]
+        out["train"] = {"steps": len(train), "finite": all(np.isfinite(r["loss"]) for r in train),
+                        "evals": sum(r["kind"] == "eval" for r in steps)}
+        ev = evaluate_model(res.model_dir, manifest)
+        out["eval"] = {k: ev[k] for k in ("rows", "samples", "rejected_rows", "exchanges", "n", "rejected_exchanges")}
+        c, e = out["cache"], out["eval"]
+        out["ok"] = (c["rows"] == c["samples"] + c["rejects"] == len(rows) and c["read_back"] == c["samples"]
+                     and out["train"]["steps"] == 8 and out["train"]["finite"]
+                     and e["rows"] == e["samples"] + e["rejected_rows"] and e["exchanges"] == e["n"] + e["rejected_exchanges"])
+    except Exception as e:  # noqa: BLE001 - counted, with the reason
+        out["ok"] = False
+        out["crash"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out
 
 
 def main() -> None:

@@ -75,17 +75,27 @@ def train_teacher(
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Option(..., help="a model directory (Hugging Face format)"),
-    data: Path = typer.Option(..., help="a LLaVA-format manifest (JSON or JSONL)"),
-    json_out: Path | None = typer.Option(None, "--json", help="write the scores here as JSON"),
+    data: Path = typer.Option(..., help="a manifest (LLaVA, ShareGPT, LLaMA-Factory or alpaca; JSON or JSONL)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the scores here as JSON (and the rejects "
+                                                              "beside it, as NAME.rejects.jsonl)"),
     limit: int | None = typer.Option(None, help="score only the first N samples"),
+    match: str = typer.Option("first_word", help="first_word | exact | normalised | choice (option letters)"),
+    max_new_tokens: int | None = typer.Option(None, help="answer budget (default: 4 for first_word, 8 for "
+                                                         "choice, 64 for exact and normalised)"),
+    type_field: str = typer.Option("question_type", help="the manifest field the per-type table groups by"),
     strict: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
 ):
-    """Greedy-decode every sample and score the first word of each answer, overall and per type."""
+    """Greedy-decode every assistant turn (from the conversation before it) and score it, overall and per
+    type."""
     from vlmkd.eval.run import evaluate_model
 
     _threads(threads)
-    res = evaluate_model(model, data, limit=limit, strict=strict)
+    rejects = json_out.with_suffix(".rejects.jsonl") if json_out else None
+    if rejects is not None and rejects.exists():
+        rejects.unlink()  # this run's rejects only
+    res = evaluate_model(model, data, limit=limit, strict=strict, rejects_path=rejects, match=match,
+                         max_new_tokens=max_new_tokens, type_field=type_field or None)
     print_scores({model.name: res})
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,10 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
         meta = json.loads(members["meta"])
         out["id"] = meta["id"]
         out["prompt"] = meta.get("prompt", "")
+        out["fields"] = meta.get("fields")  # the manifest row's scalar fields (None in caches before them)
         for p in payloads:
+            if p not in members and p in fmt.VISUAL_PAYLOADS and meta.get("visual_tokens") == 0:
+                continue  # a text-only sample has no image and nothing on visual tokens
             if p not in members:
                 raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")
             if p == "image":

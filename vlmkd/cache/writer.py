@@ -29,7 +29,7 @@ from vlmkd.cache.manifest import (
     read_manifest,
     write_manifest,
 )
-from vlmkd.errors import CacheError
+from vlmkd.errors import CacheError, DataError
 
 # the teacher's files a student is built from, copied into CACHE/teacher/ (a cache is self-contained:
 # tokenizer, processor, chat template and config; of the weights only the vision tower, VISION_FILE)
@@ -272,6 +272,10 @@ def merge_parts(out: Path) -> dict:
               "startup_seconds": sum(m.get("startup_seconds", 0.0) for m in ms)}
     merged["data"] = {**ms[0]["data"], "split": {"num_shards": 1, "shard_index": 0, "start": 0,
                                                  "end": ms[-1]["data"]["split"]["end"], "merged_parts": n}}
+    t = {k: sum(len(s[k]) if k == "rejects" else s[k] for s in merged["shards"]) for k in ("samples", "rejects")}
+    merged["counts"] = {"rows": merged["data"]["split"]["end"], **t}
+    if t["samples"] == 0:
+        raise DataError(f"{out}: the {n} parts hold no usable sample ({t['rejects']} rows rejected)")
     write_manifest(out / MANIFEST, merged)
     write_rejects(out, merged)
     return merged

@@ -1,7 +1,10 @@
 """Samples -> model-ready tensors: tokenised once, images decoded once, batches padded with masks.
 
-A sample that cannot be used (missing or broken image, too long) is recorded in the rejects log and
-left out; `strict=True` raises on the first one instead.
+Text-only and image samples batch together in any mix: `pixel_values` holds the images of the rows
+that have one, in row order, and the model places them at those rows' image tokens (both layouts
+scatter visual features into the image-token positions in order). A sample that cannot be used
+(missing or broken image, too long, more images than the model takes) is recorded in the rejects log
+and left out; `strict=True` raises on the first one instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from vlmkd.errors import DataError
 class Item:
     sample: Sample
     enc: Encoded
-    pixels: np.ndarray | None  # [3, S, S] uint8
+    pixels: np.ndarray | None  # [3, S, S] uint8; None for a text-only sample
+
+
+def one_image(sample: Sample) -> None:
+    """Refuse a sample with several images: the layouts vlmkd builds today take one per sample."""
+    if len(sample.images) > 1:
+        raise DataError(f"sample {sample.id}: {len(sample.images)} images; the model layouts vlmkd supports "
+                        "(idefics3, llava) take one image per sample today (several images per sample come with "
+                        "the per-family model layer)")
 
 
 def encode_samples(
@@ -39,6 +50,7 @@ def encode_samples(
     items = []
     for s in samples:
         try:
+            one_image(s)
             enc = tokenizer.encode(s, with_answer=with_answer)
             pixels = to_uint8(load_image(s.image, s.id), layout.pixels) if s.image is not None else None
             items.append(Item(s, enc, pixels))
@@ -73,12 +85,20 @@ def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: boo
             lab[i, :n] = torch.from_numpy(it.enc.labels_mask)
         img[i, :n] = torch.from_numpy(it.enc.image_mask[:n])
     batch = {"input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img}
-    if any(it.pixels is not None for it in items):
-        if any(it.pixels is None for it in items):
-            raise DataError("a batch mixes samples with and without images; batch them apart")
-        px = normalize(torch.from_numpy(np.stack([it.pixels for it in items])), layout.pixels)
-        batch["pixel_values"] = px.unsqueeze(1) if layout.arch == "idefics3" else px
+    px = pixel_batch([it.pixels for it in items], layout)
+    if px is not None:
+        batch["pixel_values"] = px
     return batch
+
+
+def pixel_batch(pixels: Sequence[np.ndarray | None], layout: Layout) -> torch.Tensor | None:
+    """The normalised images of the rows that have one, in row order ([N, 1, 3, S, S] for idefics3,
+    [N, 3, S, S] for llava); None when no row has an image (then the model runs text-only)."""
+    real = [p for p in pixels if p is not None]
+    if not real:
+        return None
+    px = normalize(torch.from_numpy(np.stack(real)), layout.pixels)
+    return px.unsqueeze(1) if layout.arch == "idefics3" else px
 
 
 def model_inputs(batch: dict, device: torch.device | None = None) -> dict:

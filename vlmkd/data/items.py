@@ -6,11 +6,11 @@ from pathlib import Path
 
 from vlmkd.data.dataset import Item, encode_samples
 from vlmkd.data.layout import Layout
-from vlmkd.data.manifest import load_samples
+from vlmkd.data.manifest import describe, load_samples
 from vlmkd.data.rejects import RejectLog
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError
-from vlmkd.progress import bar
+from vlmkd.progress import bar, console
 
 
 def load_items(
@@ -26,6 +26,8 @@ def load_items(
     samples, bad = load_samples(manifest, strict=strict)
     for r in bad:
         rejects.add(r)
+    if show:
+        console.print(f"{Path(manifest).name}: {describe(samples, bad)}")
     if limit:
         samples = samples[:limit]
     if show:

@@ -16,6 +16,7 @@ class RejectLog:
         self.count = 0
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()  # present even when empty: "no rejects" is an answer too
 
     def add(self, reject: Reject) -> None:
         self.count += 1

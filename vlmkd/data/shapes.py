@@ -150,13 +150,15 @@ def random_question(scene: list[ShapeObject], rng: np.random.Generator, balanced
     return qtype, question, answer
 
 
-def _record(sample_id: str, image: str, qas: list[tuple[str, str]], qtype: int | None) -> dict:
-    """A LLaVA record; several (question, answer) pairs make a multi-turn conversation."""
+def _record(sample_id: str, image: str, qas: list[tuple[str, str]], qtype: int | None,
+            kind: str = "questions") -> dict:
+    """A LLaVA record; several (question, answer) pairs make a multi-turn conversation. `kind`
+    (questions | captions) is what a recipe stage's `data:` selects by (vlmkd.data.select)."""
     conv = []
     for j, (prompt, answer) in enumerate(qas):
         conv.append({"from": "human", "value": f"<image>\n{prompt}" if j == 0 else prompt})
         conv.append({"from": "gpt", "value": answer})
-    rec = {"id": sample_id, "image": image, "conversations": conv}
+    rec = {"id": sample_id, "image": image, "conversations": conv, "kind": kind}
     if qtype is not None:
         rec["question_type"] = QUESTION_TYPES[qtype]
     return rec
@@ -185,7 +187,8 @@ def generate_split(
             qas = [(question, answer) for _, question, answer in asked]
             recs.append(_record(f"shapes-{split}-{i:06d}-q{q}", image_rel, qas, asked[0][0] if turns == 1 else None))
         if caption_every and i % caption_every == 0:
-            recs.append(_record(f"shapes-{split}-{i:06d}-cap", image_rel, [(CAPTION_PROMPT, caption(scene))], None))
+            recs.append(_record(f"shapes-{split}-{i:06d}-cap", image_rel, [(CAPTION_PROMPT, caption(scene))], None,
+                                "captions"))
         yield i, render(scene), recs
 
 

@@ -1,7 +1,15 @@
-"""Greedy decoding and the shapes scoring rule (shared/DATASET.md "Scoring").
+"""Greedy decoding and the answer-matching rules of `vlmkd eval`.
 
-The first word of the answer, lower-cased and stripped of punctuation, must equal the reference.
-Question types are inferred from the text, since other people's manifests carry no type field.
+Rules (`match`):
+- `first_word`: the first word of the answer, lower-cased and stripped of punctuation, equals the
+  reference's (the shapes rule, shared/DATASET.md "Scoring": one-word answers);
+- `exact`: the stripped strings are equal;
+- `normalised`: equal after lower-casing, removing punctuation and the articles a/an/the, and
+  collapsing whitespace (the SQuAD / VQA normalisation, for free-form answers);
+- `choice`: multiple choice: the option letter of the answer ("B", "(B)", "B.", "The answer is B")
+  equals the reference's (ScienceQA's letter answers).
+Every assistant turn of a conversation is one exchange, scored against its own prompt prefix. The
+per-type table groups by a manifest field (`type_field`) when the rows have it.
 """
 
 from __future__ import annotations
@@ -15,14 +23,41 @@ import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs
 from vlmkd.data.layout import Layout
-from vlmkd.data.shapes import infer_question_type
+from vlmkd.errors import DataError
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LETTER = re.compile(r"^\s*(?:the\s+answer\s+is\s*:?\s*)?\(?([A-Z])(?:[).:,]|\s|$)", re.IGNORECASE)
+MATCHES = ("first_word", "exact", "normalised", "choice")
 
 
 def first_word(text: str) -> str:
     words = _PUNCT.sub(" ", text.lower()).split()
     return words[0] if words else ""
+
+
+def normalised(text: str) -> str:
+    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
+
+
+def choice_letter(text: str) -> str:
+    m = _LETTER.match(text)
+    return m.group(1).upper() if m else ""
+
+
+def matches(prediction: str, reference: str, rule: str) -> bool:
+    if rule == "first_word":
+        return first_word(prediction) == first_word(reference)
+    if rule == "exact":
+        return prediction.strip() == reference.strip()
+    if rule == "normalised":
+        return normalised(prediction) == normalised(reference)
+    if rule == "choice":
+        ref = choice_letter(reference)
+        if not ref:
+            raise DataError(f"--match choice: the reference answer {reference[:60]!r} has no option letter")
+        return choice_letter(prediction) == ref
+    raise DataError(f"unknown --match {rule!r}; choose one of {MATCHES}")
 
 
 @torch.no_grad()
@@ -64,13 +99,18 @@ def greedy_answers(
     return out
 
 
-def score(items: Sequence[Item], predictions: Sequence[str]) -> dict:
-    """{"accuracy", "n", "per_type": {type: {"accuracy", "n"}}} over items with a reference answer."""
+def score(items: Sequence[Item], predictions: Sequence[str], references: Sequence[str] | None = None,
+          match: str = "first_word", type_field: str | None = "question_type") -> dict:
+    """{"accuracy", "n", "match", "per_type": {type: {"accuracy", "n"}}}; `references` default to each
+    item's first answer (an item made by `exchanges` carries the answer of its own turn)."""
+    refs = references if references is not None else [it.sample.answer for it in items]
     hits: dict[str, list[int]] = defaultdict(list)
     total = []
-    for it, pred in zip(items, predictions, strict=True):
-        ok = int(first_word(pred) == first_word(it.sample.answer))
-        hits[infer_question_type(it.sample.question)].append(ok)
+    for it, pred, ref in zip(items, predictions, refs, strict=True):
+        ok = int(matches(pred, ref, match))
+        if type_field and it.sample.extra.get(type_field) is not None:
+            hits[str(it.sample.extra[type_field])].append(ok)
         total.append(ok)
     per_type = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(hits.items())}
-    return {"accuracy": sum(total) / len(total) if total else 0.0, "n": len(total), "per_type": per_type}
+    return {"accuracy": sum(total) / len(total) if total else 0.0, "n": len(total), "match": match,
+            "per_type": per_type}

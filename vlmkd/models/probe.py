@@ -84,11 +84,15 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
 
 
 def visual_rows(probe_out: Probe, point: str, image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, N_v, D] hidden states of the visual tokens at `point` (every sample has N_v of them)."""
+    """[B_v, N_v, D] hidden states of the visual tokens at `point`, for the B_v rows of the batch that
+    have an image (text-only rows have none), in row order; every such row has N_v of them."""
     h = probe_out.hidden[point]
-    B = image_mask.shape[0]
+    rows = image_mask.any(1)
+    bv = int(rows.sum())
     if point == "projector":
-        # the connector's output is already one row per visual token: [B * images, N_v, D]
-        return h.reshape(B, -1, h.shape[-1])
-    n = int(image_mask[0].sum())
-    return h[image_mask].reshape(B, n, h.shape[-1])
+        # the connector's output is already one row per visual token: [images, N_v, D]
+        return h.reshape(bv, -1, h.shape[-1])
+    if bv == 0:
+        return h.new_zeros((0, 0, h.shape[-1]))
+    n = int(image_mask[rows][0].sum())
+    return h[image_mask].reshape(bv, n, h.shape[-1])

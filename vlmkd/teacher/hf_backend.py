@@ -126,6 +126,7 @@ class HFTeacher:
         with probe(self.model, batch["attention_mask"], s.attn_layers, points) as pr:
             logits = self.model(**model_inputs(batch)).logits
         out = []
+        vis_row = np.cumsum(batch["image_mask"].any(1).numpy()) - 1  # row b's place among rows with an image
         for b, it in enumerate(items):
             enc = it.enc
             T = len(enc.input_ids)
@@ -157,7 +158,7 @@ class HFTeacher:
             if s.hidden_points and len(vis):
                 hs = []
                 for point in s.hidden_points:
-                    hs.append(self._narrowed(visual_rows(pr, point, batch["image_mask"])[b].float()))
+                    hs.append(self._narrowed(visual_rows(pr, point, batch["image_mask"])[vis_row[b]].float()))
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
             if s.text_pool and self.covers("final"):
                 text = torch.from_numpy(~enc.image_mask.astype(bool) & ~enc.labels_mask.astype(bool))
@@ -227,11 +228,18 @@ def scored_positions(enc, score_visual: bool) -> np.ndarray:
     return pos
 
 
+def row_fields(sample) -> dict:
+    """The manifest row's short scalar fields (kind, type, source, ...), kept in the sample's meta so a
+    recipe stage can select its samples by one (`data_field`) from the cache alone."""
+    return {k: v for k, v in sample.extra.items()
+            if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200 and k != "rejected"}
+
+
 def sample_head(it: Item, pos: np.ndarray) -> dict[str, bytes]:
     """The meta (and image) members every backend writes for a sample."""
     enc = it.enc
     meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": int(len(enc.input_ids)),
             "response_tokens": int(enc.labels_mask.sum()), "scored": int(len(pos)),
-            "visual_tokens": int(enc.image_mask.sum())}
+            "visual_tokens": int(enc.image_mask.sum()), "fields": row_fields(it.sample)}
     image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
     return {"meta": fmt.encode_meta(meta), **image}

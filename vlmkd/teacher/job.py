@@ -17,10 +17,10 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer
 
 from vlmkd.cache import format as fmt
-from vlmkd.cache.manifest import sha256_file, tokenizer_fingerprint, totals, weights_fingerprint
+from vlmkd.cache.manifest import sha256_file, write_manifest, tokenizer_fingerprint, totals, weights_fingerprint
 from vlmkd.cache.writer import CacheWriter
 from vlmkd.data.dataset import encode_samples
-from vlmkd.data.manifest import Reject, Sample
+from vlmkd.data.manifest import Reject, Sample, describe
 from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
 from vlmkd.models.build import layout_of
@@ -104,6 +104,12 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     """Run (or resume) one cache job; `teacher` reuses an already started backend."""
     out = Path(job.out)
     rows = list(read_rows(job.data))
+    samples = [r for r in rows if isinstance(r, Sample)]
+    bad = [r for r in rows if isinstance(r, Reject)]
+    console.print(f"{Path(job.data).name}: {describe(samples, bad)}")
+    if not samples:
+        why = "".join(f"\n  {r.reason}" for r in bad[:3]) + (f"\n  ... and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(f"{job.data}: no usable row ({describe(samples, bad)}){why}")
     pairs = any(isinstance(r, Sample) and "rejected" in r.extra for r in rows)
     if (job.settings.logits == "sampled" or pairs) and job.backend == "auto" and teacher is None:
         backend = "hf"  # the only backend with the full distribution and pair scoring (check_settings says why)
@@ -161,10 +167,24 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         writer.put_array("gram", teacher.lm_head_gram().astype(np.float32))
     if hasattr(teacher, "close"):
         teacher.close()
+    manifest["counts"] = {"rows": end - start}  # = samples + rejects of this part (checked below)
     manifest = writer.finish(end)
     t = totals(manifest)
+    manifest["counts"].update(samples=t["samples"], rejects=t["rejects"])
+    if t["samples"] + t["rejects"] != end - start:
+        raise CacheError(f"{out}: {end - start} rows but {t['samples']} samples + {t['rejects']} rejects; the cache "
+                         "lost or duplicated rows (a bug: please report it with the manifest)")
+    if t["samples"] == 0 and job.num_parts == 1:  # (a part may be all rejects: `cache merge` checks the whole)
+        manifest["state"] = "no-samples"  # not complete: a re-run says the same, never "nothing to do"
+        write_manifest(writer.path, manifest)
+        bad = [r["reason"] for sh in manifest["shards"] for r in sh["rejects"]]
+        why = "".join(f"\n  {r}" for r in bad[:3]) + (f"\n  ... and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(f"{job.data}: no usable sample ({end - start} rows = 0 samples + {t['rejects']} rejected; "
+                        f"see {out / 'rejects.jsonl'}){why}")
+    write_manifest(writer.path, manifest)
     console.print(f"cache part {job.part_index + 1}/{job.num_parts}: {t['samples']} samples, {t['scored_tokens']} scored "
-                  f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {out}; {t['rejects']} rejected"
+                  f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {out}; {end - start} rows = {t['samples']} "
+                  f"samples + {t['rejects']} rejected"
                   + (f" (see {out / 'rejects.jsonl'})" if t["rejects"] else ""))
     return manifest
 

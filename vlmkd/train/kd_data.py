@@ -16,43 +16,52 @@ from PIL import Image
 
 from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.reader import CacheReader
-from vlmkd.data.images import normalize, to_uint8
+from vlmkd.data.dataset import pixel_batch
+from vlmkd.data.images import to_rgb, to_uint8
 from vlmkd.data.layout import Layout
+from vlmkd.data.select import accepts, lacks_field
+from vlmkd.progress import console
 from vlmkd.errors import CacheError, RecipeError
 from vlmkd.train.dist import dist_info
-from vlmkd.train.loop import stage_accepts
 from vlmkd.train.recipe import Stage
 
 
 def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray:
+    """The student's pixels from the image bytes in the shard, converted as the teacher's were (`to_rgb`)."""
     try:
         img = Image.open(io.BytesIO(blob))
         img.load()
+        img = to_rgb(img)
     except Exception as e:
         raise CacheError(f"sample {sample}: the image in the cache cannot be decoded ({e})") from e
-    return to_uint8(img.convert("RGB"), layout.pixels)
+    return to_uint8(img, layout.pixels)
 
 
 def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
     """Right-padded student batch with the teacher's payloads at the matching positions.
 
-    input_ids, attention_mask, labels_mask, image_mask [B, T]; pixel_values; and, when cached:
+    input_ids, attention_mask, labels_mask, image_mask [B, T]; pixel_values (the rows with an image, in
+    order; absent when none has one); and, when cached:
     t_ids [B, T, k], t_lp [B, T, k], t_tail [B, T] (top-k caches) or t_ids, t_w [B, T, m] (sampled caches:
     the unbiased weights, 0 on padding) and t_lp (the teacher's log-probs, 0 where not stored), t_res /
-    t_vis [B, T] (teacher rows at response / visual positions); t_attn [B, L, Q, N], t_qpos [B, Q], t_qmask [B, Q]; t_hidden [B, P, N, D].
+    t_vis [B, T] (teacher rows at response / visual positions); t_attn [B_v, L, Q, N], t_qpos [B_v, Q], t_qmask [B_v, Q]; t_hidden [B_v, P, N, D] over the B_v rows
+    with an image (text-only rows have no visual payloads; the visual terms skip them).
     """
     B = len(samples)
     ids, attn, lab, img = _right_pad([s["input_ids"] for s in samples], pad_id, [s["response"] for s in samples],
                                      [s["visual"] for s in samples])
     T = ids.shape[1]
     for s in samples:
-        if int(s["visual"].sum()) != layout.num_image_tokens:
+        if int(s["visual"].sum()) not in (0, layout.num_image_tokens):
             raise CacheError(f"sample {s['id']}: the cache has {int(s['visual'].sum())} visual tokens, the student "
                              f"{layout.num_image_tokens}; train a student with the teacher's visual token count")
-    px = normalize(torch.from_numpy(np.stack([s["pixels"] for s in samples])), layout.pixels)
     batch = {"sample_ids": [s["id"] for s in samples],
-             "input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img,
-             "pixel_values": px.unsqueeze(1) if layout.arch == "idefics3" else px}
+             "input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img}
+    px = pixel_batch([s.get("pixels") for s in samples], layout)
+    if px is not None:
+        batch["pixel_values"] = px
+    # the visual payloads (t_attn, t_qpos, t_qmask, t_hidden) are stacked over the rows with an image only
+    visual = [s for s in samples if int(s["visual"].sum())]
     if "ids" in samples[0]:
         sampled = "weights" in samples[0]
         k = max(s["ids"].shape[1] for s in samples)  # sampled rows and teacher mixtures vary in width
@@ -80,13 +89,14 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
         batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis)
         if sampled:
             batch["t_w"] = t_w
-    if "attn" in samples[0]:
-        Q = max(len(s["qpos"]) for s in samples)
-        L, H, _, N = samples[0]["attn"].shape
-        t_attn = torch.zeros((B, L, H, Q, N))
-        qpos = torch.zeros((B, Q), dtype=torch.long)
-        qmask = torch.zeros((B, Q), dtype=torch.bool)
-        for i, s in enumerate(samples):
+    if visual and "attn" in visual[0]:
+        Bv = len(visual)
+        Q = max(len(s["qpos"]) for s in visual)
+        L, H, _, N = visual[0]["attn"].shape
+        t_attn = torch.zeros((Bv, L, H, Q, N))
+        qpos = torch.zeros((Bv, Q), dtype=torch.long)
+        qmask = torch.zeros((Bv, Q), dtype=torch.bool)
+        for i, s in enumerate(visual):
             q = len(s["qpos"])
             t_attn[i, :, :, :q] = torch.from_numpy(s["attn"].astype(np.float32))
             qpos[i, :q] = torch.from_numpy(s["qpos"])
@@ -100,8 +110,8 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
                      t_pref_rejected=torch.tensor([float(s["pref_rejected_lp"].astype(np.float64).sum()) for s in samples]))
     if "pooled_text" in samples[0]:
         batch["t_text"] = torch.from_numpy(np.stack([s["pooled_text"].astype(np.float32) for s in samples]))
-    if "hidden" in samples[0]:
-        batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in samples]))
+    if visual and "hidden" in visual[0]:
+        batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in visual]))
     return batch
 
 
@@ -136,24 +146,33 @@ class CacheSource:
             raise RecipeError(f"data workers: 0 (the trainer's thread) or 1 (a decoding process), not {workers}")
         self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix
         self.workers, self.prefetch = workers, prefetch
+        self.said = False
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
+        where = f"stage {stage.name}"
         for epoch in count():
-            got = 0
+            got = unfielded = 0
             for s in self.reader.samples(epoch):
-                if not stage_accepts(stage, s.get("prompt", "")):
+                if not accepts(stage.data, stage.data_field, stage.prompt_regex, s["fields"], s["prompt"], where):
                     continue
+                unfielded += lacks_field(stage.data, stage.data_field, s["fields"])
                 if self.mix is not None and (s := self.mix.apply(s)) is None:
                     continue  # not in every teacher's cache (--allow-partial; recorded in rejects.jsonl)
                 got += 1
                 seen += 1
                 if seen <= skip:
                     continue
-                s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
+                if "image" in s:
+                    s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
                 yield s
             if got == 0:
-                raise CacheError(f"{self.reader.root}: no cached samples for stage {stage.name} ({stage.data!r})")
+                raise CacheError(f"{self.reader.root}: no cached samples for stage {stage.name} (data: {stage.data!r}"
+                                 f" by field {stage.data_field!r}, prompt_regex {stage.prompt_regex!r})")
+            if epoch == 0 and unfielded and not self.said:
+                self.said = True
+                console.print(f"{where}: {unfielded} of {got} samples have no {stage.data_field!r} field; the stage "
+                              f"(data: {stage.data}) takes them too")
 
     def _dealt(self, stage: Stage, micro_start: int, rank: int, world: int) -> Iterator[dict]:
         stream = self._stream(stage, micro_start * stage.batch_size)

@@ -19,6 +19,8 @@ import torch
 
 from vlmkd.data.dataset import Item, collate, model_inputs, to_device
 from vlmkd.data.layout import Layout
+from vlmkd.data.manifest import Sample
+from vlmkd.data.select import accepts
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import DataError, RecipeError
 from vlmkd.eval.score import greedy_answers, score
@@ -85,20 +87,14 @@ class TrainResult:
     last_eval: dict | None
 
 
-def matches_kind(prompt: str, kind: str) -> bool:
-    """A stage's `data:` filter on a sample's first user prompt: captions ask for a description."""
-    if kind == "all":
-        return True
-    return prompt.lower().startswith("describe the image") == (kind == "captions")
-
-
-def stage_accepts(stage: Stage, prompt: str) -> bool:
-    """Whether a sample (by its first user prompt) belongs to a stage's data (`data`, `prompt_regex`)."""
-    return matches_kind(prompt, stage.data) and (stage.prompt_regex is None or re.search(stage.prompt_regex, prompt) is not None)
+def stage_accepts(stage: Stage, sample: Sample) -> bool:
+    """Whether an in-memory sample belongs to a stage's data (`vlmkd.data.select`)."""
+    return accepts(stage.data, stage.data_field, stage.prompt_regex, sample.extra, sample.question,
+                   f"stage {stage.name}")
 
 
 def stage_items(items: Sequence[Item], stage: Stage) -> list[Item]:
-    return [it for it in items if stage_accepts(stage, it.sample.question)]
+    return [it for it in items if stage_accepts(stage, it.sample)]
 
 
 def batch_indices(n: int, seed: int, stage_idx: int, step: int, batch: int) -> list[int]:
@@ -140,9 +136,8 @@ def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, batch
             nll += float(response_ce(model(**model_inputs(b)).logits, b["input_ids"], b["labels_mask"])) * k
             n += k
     res = {"val_nll": nll / max(1, n)}
-    qa = [it for it in items if matches_kind(it.sample.question, "questions")]
-    if qa:
-        sc = score(qa, greedy_answers(model, qa, layout, tok))
+    if items:
+        sc = score(items, greedy_answers(model, items, layout, tok))
         res["val_accuracy"] = sc["accuracy"]
         res.update({f"val_acc_{t}": v["accuracy"] for t, v in sc["per_type"].items()})
     model.train()

@@ -103,7 +103,8 @@ class KDObjective(Objective):
             self._stats = {"moe_load_max": float(shares.max(-1).values.mean()),
                            "moe_load_min": float(shares.min(-1).values.mean())}
         ctx = Step(model, batch, step, pr, logits, states, impl, router_logits, self.proj)
-        return {name: term.loss(ctx) for name, term in plan.terms}
+        no_images = not bool(batch["image_mask"].any())
+        return {name: ctx.zero() if term.visual and no_images else term.loss(ctx) for name, term in plan.terms}
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)

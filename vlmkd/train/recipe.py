@@ -14,7 +14,6 @@ import yaml
 from vlmkd.errors import RecipeError
 
 PARTS = ("vision", "projector", "llm")
-DATA_KINDS = ("all", "questions", "captions")
 
 
 @dataclass
@@ -29,7 +28,8 @@ class Stage:
     clip: float = 1.0
     weight_decay: float = 0.01
     trainable: list[str] = field(default_factory=lambda: list(PARTS))
-    data: str = "all"  # which samples: all, questions only, captions only
+    data: str = "all"  # which samples: all, or those whose manifest field `data_field` has this value
+    data_field: str = "kind"  # (the shapes set writes kind: questions | captions; vlmkd.data.select)
     prompt_regex: str | None = None  # and, if set, only samples whose first prompt matches it
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     loss_args: dict = field(default_factory=dict)
@@ -90,8 +90,9 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
         )
 
         check_loss_args(stage, f"{source} stage {stage.name}")
-        if stage.data not in DATA_KINDS:
-            raise RecipeError(f"{source} stage {stage.name}: data must be one of {DATA_KINDS}")
+        if not isinstance(stage.data, str) or not stage.data or not isinstance(stage.data_field, str):
+            raise RecipeError(f"{source} stage {stage.name}: data is `all` or a value of the samples' "
+                              f"{stage.data_field!r} field (a string), not {stage.data!r}")
         stages.append(stage)
     rest = {k: v for k, v in raw.items() if k != "stages"}
     if isinstance(rest["model"], str):  # a shared model file, relative to the recipe

@@ -30,6 +30,7 @@ class Attn(Term):
 
     def __init__(self, opts: AttnOptions, setup: Setup):
         super().__init__(opts, setup)
+        self.visual = True
         cached = setup.cache.attn_layers
         self.payloads = ("attn",)
         if opts.layer_map is not None:
@@ -48,19 +49,26 @@ class Attn(Term):
                 raise RecipeError(f"{setup.where}: attn_layers {gone} are not in the cache (it has {cached}): "
                                   f"rebuild it with --attn-layers {','.join(map(str, sorted({*cached, *gone})))}")
             self.attn_layers = tuple(layers)
+            deep = [li for li in layers if li >= setup.student_layers]
+            if deep:
+                raise RecipeError(f"{setup.where}: attn compares the student's attention at the teacher's layers "
+                                  f"{list(layers)}, and the student has {setup.student_layers} layer(s): set "
+                                  f"loss_args.attn_layers to ones below {setup.student_layers}, or a layer_map")
             self.student_idx = list(range(len(layers)))
             self.teacher_idx = [cached.index(li) for li in layers]
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch
-        qpos = b["t_qpos"]
+        qpos = b["t_qpos"]  # [B_v, Q]: the cache's maps are stacked over the rows with an image
+        vr = s.vis_rows
+        image_mask = b["image_mask"][vr]
         maps = []
         for li in self.attn_layers:
-            p = s.probe.attn[li].mean(1)  # [B, T, T], heads averaged as the cache stores them
+            p = s.probe.attn[li].mean(1)[vr]  # [B_v, T, T], heads averaged as the cache stores them
             B = p.shape[0]
-            rows = p[torch.arange(B)[:, None], qpos]  # [B, Q, T]
-            n = int(b["image_mask"][0].sum())
-            vis_idx = b["image_mask"].nonzero()[:, 1].reshape(B, n)
+            rows = p[torch.arange(B)[:, None], qpos]  # [B_v, Q, T]
+            n = int(image_mask[0].sum())
+            vis_idx = image_mask.nonzero()[:, 1].reshape(B, n)
             maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
         s_maps = torch.stack(maps, 1)[:, self.student_idx]
         t_maps = b["t_attn"][:, self.teacher_idx]

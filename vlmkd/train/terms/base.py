@@ -149,6 +149,17 @@ class Step:
     router_logits: list = field(default_factory=list)
     maps: torch.nn.ModuleDict | None = None  # the objective's learned maps, by key (`Setup.linear`)
 
+    @property
+    def vis_rows(self) -> torch.Tensor:
+        """Indices of the batch rows that have visual tokens (the rows the cache's visual payloads,
+        t_attn and t_hidden, are stacked over); text-only rows are not among them."""
+        return self.batch["image_mask"].any(1).nonzero()[:, 0]
+
+    def zero(self) -> torch.Tensor:
+        """0 with a gradient path through the pass: a visual term's loss on a batch without images."""
+        out = self.logits if self.logits is not None else self.states
+        return out.sum() * 0.0
+
 
 class Term(torch.nn.Module):
     """One loss term of a recipe. Subclasses set `name`, `options` and override `loss`; the
@@ -164,6 +175,7 @@ class Term(torch.nn.Module):
         self.attn_layers: tuple[int, ...] = ()
         self.hidden_points: tuple[str, ...] = ()
         self.full_logits = False  # needs the model's whole logits (no fused LM-head path)
+        self.visual = False  # reads visual tokens: text-only rows are skipped, 0 on a batch of them only
 
     def loss(self, s: Step) -> torch.Tensor:
         raise NotImplementedError

@@ -32,6 +32,7 @@ class Contrast(Term):
     def __init__(self, opts: ContrastOptions, setup: Setup):
         super().__init__(opts, setup)
         sides = list(dict.fromkeys(opts.contrast_on))
+        self.visual = sides == ["visual"]  # with text too, text-only rows take part on the text side
         payloads, points = ["hidden"], []
         if "visual" in sides:
             setup.cache.need_point(opts.contrast_point, f"{setup.where}: loss 'contrast'")
@@ -50,10 +51,12 @@ class Contrast(Term):
         parts = []
         for side, key in self.maps.items():
             if side == "visual":
+                if not len(s.vis_rows):
+                    continue
                 s_vec = visual_rows(s.probe, o.contrast_point, b["image_mask"]).mean(1)
                 t_vec = b["t_hidden"][:, self.point_index].mean(1)
             else:  # the prompt's text tokens, as the cache pooled them
                 text = b["attention_mask"].bool() & ~b["image_mask"] & ~b["labels_mask"]
                 s_vec, t_vec = pooled(s.probe.hidden["final"], text), b["t_text"]
             parts.append(info_nce(s.maps[key](s_vec), t_vec.to(s_vec.device), o.contrast_tau, o.contrast_symmetric))
-        return sum(parts) / len(parts)
+        return sum(parts) / len(parts) if parts else s.zero()

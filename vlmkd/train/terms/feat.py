@@ -31,6 +31,7 @@ class Feat(Term):
 
     def __init__(self, opts: FeatOptions, setup: Setup):
         super().__init__(opts, setup)
+        self.visual = True
         self.payloads = ("hidden",)
         points = setup.cache.points
         if opts.layer_map is not None:

@@ -427,3 +427,41 @@ def test_a_stage_selects_by_another_field(mixed, tiny_model_dir, tmp_path):
     by_id = {s["id"]: s for s in CacheReader(mixed["cache"], payloads=("tokens",)).samples()}
     types = {by_id[i]["fields"].get("question_type") for i in batch["sample_ids"]}
     assert types <= {"color_of_shape", None}  # "multi" has no type field: taken, and said so
+
+
+def test_a_stage_reads_its_own_cache(mixed, trained_tiny_teacher, shapes_dir, tmp_path):
+    """LLaVA's way: pre-training captions in one file, instructions in another; the DPT-like stage
+    names its own cache (relative to the recipe), the other stage reads the run's."""
+    rows = [r for r in json.loads((shapes_dir / "train.json").read_text()) if r["kind"] == "captions"][:24]
+    for r in rows:
+        r["image"] = str(shapes_dir / r["image"])
+    caps = tmp_path / "caps_cache"
+    run_cache_job(CacheJob(trained_tiny_teacher, _write(tmp_path / "captions.json", rows), caps,
+                           Extraction(topk=16, attn_layers=[0], hidden_points=["projector"])))
+    student = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,
+                                                                   "intermediate": 64}}
+    stages = [{"name": "dpt", "cache": "caps_cache", "steps": 3, "batch_size": 4, "lr": 3e-3, "warmup": 1,
+               "losses": {"ce": 1.0, "res": 1.0, "align": 1.0}},
+              {"name": "sft", "data": "questions", "steps": 3, "batch_size": 4, "lr": 3e-3, "warmup": 1,
+               "losses": {"ce": 1.0, "res": 1.0}}]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "two", "model": student, "eval_every": 100, "eval_samples": 4,
+                                      "save_every": 100, "log_every": 1, "stages": stages}))
+    parsed = parse_recipe(yaml.safe_load(recipe.read_text()), str(recipe))
+    assert parsed.stages[0].cache == str(caps.resolve())
+    res = train_student_run(recipe, mixed["cache"], tmp_path / "run")
+    assert res.model_dir.is_dir()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in logged if r["kind"] == "train"} == {"dpt", "sft"}
+    # the stages' batches come from their own caches
+    model, hf = load_model(res.model_dir)
+    tok, layout = data_tokenizer(model, hf)
+    src = CacheSource(CacheReader(mixed["cache"], payloads=("tokens", "image")), layout, tok.pad_id, workers=0,
+                      stage_readers={"dpt": CacheReader(caps, payloads=("tokens", "image"))})
+    caption_ids = {r["id"] for r in rows}
+    assert set(next(src.batches(0, parsed.stages[0], 0))["sample_ids"]) <= caption_ids
+    assert not set(next(src.batches(1, parsed.stages[1], 0))["sample_ids"]) & caption_ids
+    stages[0]["cache"] = "no_such_cache"
+    recipe.write_text(yaml.safe_dump({"name": "two", "model": student, "stages": stages}))
+    with pytest.raises(CacheError, match="no_such_cache"):
+        train_student_run(recipe, mixed["cache"], tmp_path / "run2")

@@ -139,7 +139,9 @@ class CacheSource:
     from the step (measured: docs/PERFORMANCE.md, tools/bench_step.py)."""
 
     def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None,
-                 workers: int | str = "auto", prefetch: int = 4):
+                 workers: int | str = "auto", prefetch: int = 4, stage_readers: dict[str, CacheReader] | None = None):
+        """`stage_readers`: the stages that read their own cache (a recipe stage's `cache:`), by name;
+        the several-teacher `mix` applies to the run's cache only."""
         if workers == "auto":
             workers = 1 if torch.cuda.is_available() else 0
         if workers not in (0, 1):
@@ -147,17 +149,20 @@ class CacheSource:
         self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix
         self.workers, self.prefetch = workers, prefetch
         self.said = False
+        self.stage_readers = stage_readers or {}
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
         where = f"stage {stage.name}"
+        reader = self.stage_readers.get(stage.name, self.reader)
+        mix = None if stage.name in self.stage_readers else self.mix
         for epoch in count():
             got = unfielded = 0
-            for s in self.reader.samples(epoch):
+            for s in reader.samples(epoch):
                 if not accepts(stage.data, stage.data_field, stage.prompt_regex, s["fields"], s["prompt"], where):
                     continue
                 unfielded += lacks_field(stage.data, stage.data_field, s["fields"])
-                if self.mix is not None and (s := self.mix.apply(s)) is None:
+                if mix is not None and (s := mix.apply(s)) is None:
                     continue  # not in every teacher's cache (--allow-partial; recorded in rejects.jsonl)
                 got += 1
                 seen += 1
@@ -167,7 +172,7 @@ class CacheSource:
                     s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
                 yield s
             if got == 0:
-                raise CacheError(f"{self.reader.root}: no cached samples for stage {stage.name} (data: {stage.data!r}"
+                raise CacheError(f"{reader.root}: no cached samples for stage {stage.name} (data: {stage.data!r}"
                                  f" by field {stage.data_field!r}, prompt_regex {stage.prompt_regex!r})")
             if epoch == 0 and unfielded and not self.said:
                 self.said = True

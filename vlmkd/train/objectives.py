@@ -41,7 +41,9 @@ class StagePlan:
 
 
 class KDObjective(Objective):
-    def __init__(self, model, cache: CacheFacts, stages: list[Stage]):
+    def __init__(self, model, cache: CacheFacts, stages: list[Stage], stage_caches: dict[str, CacheFacts] | None = None):
+        """`cache`: the facts of the run's cache; `stage_caches`: of the stages that read their own
+        (a stage's `cache:`), by stage name."""
         super().__init__()
         cfg = model.config.text_config
         # learned maps from the student's width to the teacher's (trained with the student), shared by
@@ -51,7 +53,8 @@ class KDObjective(Objective):
         self.plans: dict[str, StagePlan] = {}
         for st in stages:
             check_loss_args(st, f"stage {st.name}")
-            setup = Setup(st, cache, cfg.hidden_size, cfg.num_hidden_layers, self.proj)
+            setup = Setup(st, (stage_caches or {}).get(st.name, cache), cfg.hidden_size, cfg.num_hidden_layers,
+                          self.proj)
             on = {k for k, w in st.losses.items() if w}
             terms = []
             for cls in ORDER:
@@ -70,9 +73,14 @@ class KDObjective(Objective):
                 attn_layers=sorted({li for _, t in terms for li in t.attn_layers}),
                 hidden=sorted({p for _, t in terms for p in t.hidden_points}),
                 full_logits=full, impl=impl)
-        self.payloads = tuple(dict.fromkeys(["tokens", "image", *(p for pl in self.plans.values()
-                                                                   for _, t in pl.terms for p in t.payloads)]))
+        own = set(stage_caches or {})
+        self.payloads = self.payloads_of([st.name for st in stages if st.name not in own])
         self._stats: dict[str, float] = {}  # router loads of the last forward (MoE students)
+
+    def payloads_of(self, stage_names: list[str]) -> tuple[str, ...]:
+        """What a reader serving these stages decodes: tokens, image and the payloads of their terms."""
+        return tuple(dict.fromkeys(["tokens", "image", *(p for name in stage_names
+                                                         for _, t in self.plans[name].terms for p in t.payloads)]))
 
     def _impl(self, plan: StagePlan, model) -> str:
         impl = plan.impl

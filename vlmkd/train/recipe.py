@@ -31,6 +31,9 @@ class Stage:
     data: str = "all"  # which samples: all, or those whose manifest field `data_field` has this value
     data_field: str = "kind"  # (the shapes set writes kind: questions | captions; vlmkd.data.select)
     prompt_regex: str | None = None  # and, if set, only samples whose first prompt matches it
+    # this stage's own teacher cache (e.g. one built from LLaVA's pre-training file while the run's
+    # --cache holds the instruction data); a path relative to the recipe's folder, or absolute
+    cache: str | None = None
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     loss_args: dict = field(default_factory=dict)
     # LLaVA-MoD: turn the dense LLM into a mixture of experts when this stage starts:
@@ -93,6 +96,11 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
         if not isinstance(stage.data, str) or not stage.data or not isinstance(stage.data_field, str):
             raise RecipeError(f"{source} stage {stage.name}: data is `all` or a value of the samples' "
                               f"{stage.data_field!r} field (a string), not {stage.data!r}")
+        if stage.cache is not None:
+            if not isinstance(stage.cache, str) or not stage.cache:
+                raise RecipeError(f"{source} stage {stage.name}: cache is a path (a teacher cache folder)")
+            if not Path(stage.cache).is_absolute() and Path(source).is_file():
+                stage.cache = str((Path(source).parent / stage.cache).resolve())
         stages.append(stage)
     rest = {k: v for k, v in raw.items() if k != "stages"}
     if isinstance(rest["model"], str):  # a shared model file, relative to the recipe

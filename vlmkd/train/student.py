@@ -84,11 +84,19 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
     model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
     head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
-    # the terms check the cache and say which payloads the run decodes
-    objective = KDObjective(model, cache_facts(head), recipe.stages)
+    own = {st.name: Path(st.cache) for st in recipe.stages if st.cache}
+    heads = {}
+    for name, path in own.items():  # a stage's own cache: same checks as the run's
+        heads[name] = CacheReader(path, payloads=(), verify=verify)
+        heads[name].check_tokenizer(tokenizer_fingerprint(hf_tok), f"student (stage {name}'s cache {path})")
+    # the terms check the caches and say which payloads the run decodes
+    objective = KDObjective(model, cache_facts(head), recipe.stages, {n: cache_facts(h) for n, h in heads.items()})
     # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
     reader = CacheReader(cache, payloads=objective.payloads, verify=verify, shuffle_buffer=shuffle_buffer,
                          seed=recipe.seed, rank=0, world=1)
+    stage_readers = {name: CacheReader(path, payloads=objective.payloads_of([name]), verify=verify,
+                                       shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
+                     for name, path in own.items()}
     val_path = val or validation_manifest(cache, reader.manifest)
     out = Path(out)
     rejects = RejectLog(out / "rejects.jsonl")
@@ -98,5 +106,6 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
                          teacher_weights, teacher_mix, allow_partial, rejects)
     val_items = load_items(val_path, tok, layout, rejects)
     with bar() as p:
-        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix, data_workers), val_items, out,
+        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix, data_workers,
+                                                                            stage_readers=stage_readers), val_items, out,
                      objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)

@@ -242,6 +242,52 @@ def cache_inspect(cache: Path = typer.Argument(...), as_json: bool = typer.Optio
     console.print(f"extraction: {info['extraction']}")
 
 
+@cache_app.command("show")
+def cache_show(
+    caches: list[Path] = typer.Argument(..., help="a cache; several caches of the same data: side by side"),
+    sample: str = typer.Option(..., help="the sample id (as in the data manifest)"),
+    out: Path | None = typer.Option(None, help="the page (default: SAMPLE.html)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the page's data as JSON"),
+):
+    """One self-contained HTML page for one sample: the image with each text token's cached attention
+    as a heat map, the teacher's top-k per scored row with the tail, its visual-token distributions."""
+    from vlmkd.cache.pages import show_html
+    from vlmkd.cache.view import sample_view
+
+    views = [sample_view(c, sample) for c in caches]
+    out = out or Path(f"{sample.replace('/', '_')}.html")
+    out.write_text(show_html(views), encoding="utf-8")
+    if json_out:
+        json_out.write_text(json.dumps(views if len(views) > 1 else views[0]))
+    console.print(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
+
+
+@cache_app.command("report")
+def cache_report_cmd(
+    cache: Path = typer.Argument(...),
+    out: Path = typer.Option(Path("report.html"), help="the HTML report"),
+    png_dir: Path | None = typer.Option(None, help="also write the figures here as PNG"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report's data as JSON"),
+    max_samples: int | None = typer.Option(None, help="histograms over the first N samples only"),
+):
+    """What a cache holds and costs: counts, rejects by reason, bytes per payload and per scored token,
+    histograms of the teacher's entropy, tail mass and top-1 probability, per-shard build time."""
+    from vlmkd.cache.pages import figures, report_html
+    from vlmkd.cache.view import cache_report
+
+    rep = cache_report(cache, max_samples)
+    pngs = figures(rep)
+    out.write_text(report_html(rep, pngs), encoding="utf-8")
+    if png_dir:
+        png_dir.mkdir(parents=True, exist_ok=True)
+        for name, blob in pngs.items():
+            (png_dir / name).write_bytes(blob)
+    if json_out:
+        json_out.write_text(json.dumps(rep))
+    console.print(f"wrote {out}" + (f", {len(pngs)} PNGs in {png_dir}" if png_dir else "")
+                  + (f", {json_out}" if json_out else ""))
+
+
 @cache_app.command("verify")
 def cache_verify(cache: Path = typer.Argument(...)):
     """Check every shard's checksum and that every member decodes; exit 1 naming each bad shard."""

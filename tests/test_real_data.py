@@ -410,8 +410,11 @@ def test_stage_data_is_a_manifest_field(shapes_dir):
     assert not accepts("captions", "kind", None, {"kind": "questions"}, "Describe the image.")
     assert accepts("captions", "kind", None, {}, "x")  # a row without the field: every stage takes it
     assert accepts("all", "kind", r"^How", {"kind": "x"}, "How many?") and not accepts("all", "kind", r"^How", {}, "Is")
+    # a cache from before per-sample fields: its shapes kind read back from the prompt, as stages did then
+    assert accepts("captions", "kind", None, None, "Describe the image.")
+    assert not accepts("captions", "kind", None, None, "What color is the circle?")
     with pytest.raises(CacheError, match="predates per-sample fields"):
-        accepts("captions", "kind", None, None, "x")
+        accepts("color_of_shape", "question_type", None, None, "x")
 
 
 def test_a_stage_selects_by_another_field(mixed, tiny_model_dir, tmp_path):

@@ -5,7 +5,8 @@ Each row runs a recipe for `--steps` optimizer steps through `train_student_run`
 cache read and decode, collate, forward, the terms, backward, update) and takes the median of the
 trainer's own `step_seconds` after `--warmup` steps; rounds alternate the recipe order. With
 `--data-workers 0,1` each recipe runs with the cache decoded on the trainer's thread and in a worker.
-Prints a table (median, sample SD over rounds, ratio to the first recipe) and writes JSON.
+Prints a table (median, sample SD over rounds, ratio to the first recipe, the first stage's trainable
+parameters and their AdamW state: what a LoRA student saves) and writes JSON.
 
     python tools/bench_step.py --cache demo/cache --recipes sft,mdist,align_kd --rounds 3 --json step.json
 """
@@ -36,7 +37,14 @@ def main() -> None:
 
     import torch
 
-    from vlmkd.train.student import train_student_run
+    from vlmkd.train.loop import set_trainable
+    from vlmkd.train.student import prepare_student, train_student_run
+
+    trainable = {}
+    for recipe in args.recipes.split(","):
+        prep = prepare_student(ROOT / "pipelines" / f"{recipe}.yaml", args.cache, val=args.val, data_workers=0)
+        params = set_trainable(prep.model, prep.recipe.stages[0].trainable) + list(prep.objective.parameters())
+        trainable[recipe] = sum(p.numel() for p in params)
 
     rows = [(r, int(w)) for r in args.recipes.split(",") for w in args.data_workers.split(",")]
     per: dict[str, list[float]] = {f"{r} w{w}": [] for r, w in rows}
@@ -53,12 +61,15 @@ def main() -> None:
                 per[f"{recipe} w{workers}"].append(statistics.median(secs))
     base = statistics.mean(next(iter(per.values())))
     table = []
-    print(f"{'recipe':<18} {'median step s':>14} {'SD (sample)':>12} {'x first':>8}")
+    print(f"{'recipe':<18} {'median step s':>14} {'SD (sample)':>12} {'x first':>8} {'trainable':>10} {'AdamW MiB':>10}")
     for name, vals in per.items():
         m = statistics.mean(vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        table.append({"row": name, "step_seconds": m, "sd": sd, "ratio": m / base, "rounds": vals})
-        print(f"{name:<18} {m:>14.4f} {sd:>12.4f} {m / base:>8.2f}")
+        n = trainable[name.rsplit(" ", 1)[0]]
+        adam = 2 * 4 * n / 2**20  # two float32 moments per trainable parameter
+        table.append({"row": name, "step_seconds": m, "sd": sd, "ratio": m / base, "rounds": vals,
+                      "trainable_params": n, "adamw_state_mib": adam})
+        print(f"{name:<18} {m:>14.4f} {sd:>12.4f} {m / base:>8.2f} {n:>10,} {adam:>10.2f}")
     out = {"cache": str(args.cache), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "rows": table}
     if args.json:

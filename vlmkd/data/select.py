@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import re
 
+from vlmkd.data.shapes import legacy_kind
 from vlmkd.errors import CacheError
 
 
 def accepts(data: str, data_field: str, prompt_regex: str | None, fields: dict | None, prompt: str,
             where: str = "") -> bool:
     """Whether one sample (its manifest fields and first prompt) belongs to a stage's data. `fields`
-    None means a cache written before samples kept their fields: a stage that selects by one is refused."""
+    None means a cache written before samples kept their fields: its shapes `kind` is read back from
+    the prompt as vlmkd chose stages then (`shapes.legacy_kind`); another field is refused."""
     if data != "all":
         if fields is None:
-            raise CacheError(f"{where}: the stage takes `data: {data}` (the samples whose {data_field!r} is "
-                             f"{data!r}), and this cache predates per-sample fields: rebuild it with "
-                             "`vlmkd cache-teacher`, or use `data: all` with a prompt_regex")
+            if data_field != "kind":
+                raise CacheError(f"{where}: the stage selects by the samples' {data_field!r} field, and this cache "
+                                 "predates per-sample fields: rebuild it with `vlmkd cache-teacher`")
+            fields = {"kind": legacy_kind(prompt)}
         value = fields.get(data_field)
         if value is not None and str(value) != data:
             return False

@@ -256,6 +256,12 @@ def write_dataset(
     return paths
 
 
+def legacy_kind(prompt: str) -> str:
+    """The `kind` of a sample in a cache written before samples kept their manifest fields, by the rule
+    stages used then: a caption prompt asks for a description (only the shapes set's wording)."""
+    return "captions" if prompt.lower().startswith("describe the image") else "questions"
+
+
 def infer_question_type(question: str) -> str:
     """The question type from its text alone: other people's manifests carry no type field."""
     q = question.replace("<image>", "").strip().lower()

@@ -26,6 +26,7 @@ from vlmkd.errors import DataError, RecipeError
 from vlmkd.eval.score import greedy_answers, score
 from vlmkd.losses.sft import response_ce
 from vlmkd.models.build import save_model
+from vlmkd.models.lora import has_lora, merged_state_dict, save_adapters, trainable_llm_parameters
 from vlmkd.models.moe import is_moe, upcycle
 from vlmkd.models.parts import parts_of
 from vlmkd.models.quant import QuantSpec, add_fake_quant, export_quantized, fake_quant_spec, plain_state_dict
@@ -114,15 +115,23 @@ def _epoch_order(n: int, seed: int, stage_idx: int, epoch: int) -> np.ndarray:
 
 
 def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze all but the named parts; a LoRA student's `llm` part is its adapters only."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
     for name, mod in parts_of(model).items():
         if name in parts:
-            for p in mod.parameters():
+            for p in (trainable_llm_parameters(mod) if name == "llm" and has_lora(model) else mod.parameters()):
                 p.requires_grad_(True)
                 params.append(p)
     return params
+
+
+def export_weights(model, fsdp: bool, baked: bool = True) -> dict | None:
+    """The weights a saved model gets: gathered under FSDP, fake-quantised baked (QAT), adapters
+    merged (LoRA); None when the model's own state dict is it."""
+    weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=baked)
+    return merged_state_dict(model, weights) if has_lora(model) else weights
 
 
 def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, batch_size: int = 64) -> dict:
@@ -177,7 +186,7 @@ def train(
         state = load_state(ckpt)
         if _checkpoint_is_moe(ckpt) and not is_moe(model):  # the run had upcycled before it stopped
             model = _upcycled(model, next(st for st in recipe.stages if st.upcycle), device)
-        model.load_state_dict(_load_weights(ckpt), strict=True)  # full weights, before any sharding
+        model.load_state_dict(_load_weights(ckpt, raw=has_lora(model)), strict=True)  # full weights, before sharding
         if (ckpt / "objective.pt").is_file():
             objective.load_state_dict(torch.load(ckpt / "objective.pt", weights_only=True, map_location=device))
         start_stage, start_step, global_step = state["stage_index"], state["stage_step"], state["global_step"]
@@ -270,16 +279,18 @@ def train(
                                     objective.state_dict(), model_state=weights, optimizer_state=opt_state)
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
-        weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=True)
+        weights = export_weights(model, fsdp)
         if main:
             save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}", state_dict=weights)
         state = None
     model_dir = Path(model_out or run_dir / "model")
     # a QAT student is saved as it computes (fake-quantised weights, in floats) and exported with
     # real integer weights beside it, whose accuracy is logged as kind "eval_export"
-    weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=True)
+    weights = export_weights(model, fsdp)
     if main:
         save_model(model, hf_tok, model_dir, state_dict=weights)
+        if has_lora(model):
+            save_adapters(model, run_dir / "lora")
         if (spec := fake_quant_spec(model)) is not None:
             exported = export_quantized(model, spec, hf_tok, model_dir.with_name(f"{model_dir.name}_{spec.tag}"))
             metrics.write({"kind": "eval_export", "step": global_step, "stage": recipe.stages[-1].name,
@@ -310,9 +321,18 @@ def _loaded(model_dir: Path, device):
     return load_model(model_dir)[0].to(device)
 
 
-def _load_weights(ckpt: Path) -> dict:
+def _load_weights(ckpt: Path, raw: bool = False) -> dict:
     """The checkpoint's weights named as the in-memory modules name them: read through transformers,
-    which maps the names it writes (e.g. Mixtral's per-expert tensors) back to its current layout."""
+    which maps the names it writes (e.g. Mixtral's per-expert tensors) back to its current layout;
+    `raw`: the file's tensors as written (a LoRA student's `base_layer` / `lora_*` names, which a plain
+    transformers model would drop)."""
+    if raw:
+        from safetensors.torch import load_file
+
+        out = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
     from vlmkd.models.build import load_model
 
     return load_model(ckpt)[0].state_dict()

@@ -103,11 +103,15 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
                 stage.cache = str((Path(source).parent / stage.cache).resolve())
         stages.append(stage)
     rest = {k: v for k, v in raw.items() if k != "stages"}
-    if isinstance(rest["model"], str):  # a shared model file, relative to the recipe
-        mpath = Path(source).parent / rest["model"]
+    model = rest["model"]
+    if isinstance(model, str) or (isinstance(model, dict) and "file" in model):
+        # a shared model file, relative to the recipe; `{file: F, key: value, ...}` overrides its keys
+        name, over = (model, {}) if isinstance(model, str) else (model["file"], {k: v for k, v in model.items()
+                                                                                   if k != "file"})
+        mpath = Path(source).parent / name
         if not mpath.is_file():
             raise RecipeError(f"{source}: model file {mpath} does not exist")
-        rest["model"] = yaml.safe_load(mpath.read_text())
+        rest["model"] = {**yaml.safe_load(mpath.read_text()), **over}
     rest.setdefault("name", Path(source).stem)
     if rest.get("parallel", "ddp") not in ("ddp", "fsdp"):
         raise RecipeError(f"{source}: parallel must be ddp or fsdp, not {rest['parallel']!r}")

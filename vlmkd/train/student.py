@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from transformers import AutoTokenizer
 
@@ -10,15 +13,18 @@ from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.manifest import tokenizer_fingerprint
 from vlmkd.cache.reader import CacheReader
 from vlmkd.data.items import load_items
+from vlmkd.data.layout import Layout
 from vlmkd.data.rejects import RejectLog
+from vlmkd.data.template import Tokenizer
 from vlmkd.errors import RecipeError
 from vlmkd.models.build import build_model, data_tokenizer, load_model
+from vlmkd.models.lora import LoraSpec, add_lora
 from vlmkd.progress import bar
 from vlmkd.train.dist import init_from_env
 from vlmkd.train.kd_data import CacheSource
 from vlmkd.train.loop import TrainResult, train
 from vlmkd.train.objectives import KDObjective, cache_facts
-from vlmkd.train.recipe import load_recipe
+from vlmkd.train.recipe import Recipe, load_recipe
 
 
 def teacher_files(cache: Path, manifest: dict) -> Path:
@@ -50,30 +56,48 @@ def validation_manifest(cache: Path, manifest: dict) -> Path:
 
 def _student(recipe, cache: Path, manifest: dict):
     """A student built from the recipe's `model:` (with the teacher's tokenizer, which the cache
-    stores ids of) or loaded from `model: {path: DIR}`."""
-    spec = recipe.model
+    stores ids of) or loaded from `model: {path: DIR}`; with `lora:`, PEFT adapters in its LLM."""
+    spec = dict(recipe.model)
+    lora = spec.pop("lora", None)
     if "path" in spec:
-        return load_model(spec["path"])
-    teacher = None
-    if not spec.get("tokenizer") or spec.get("vision_from") == "teacher":
-        teacher = teacher_files(cache, manifest)
-    tok_dir = spec.get("tokenizer") or teacher
-    hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    if spec.get("vision_from") == "teacher":
-        spec = {**spec, "vision_from": teacher}
-    return build_model(spec, hf_tok), hf_tok
+        model, hf_tok = load_model(spec["path"])
+    else:
+        teacher = None
+        if not spec.get("tokenizer") or spec.get("vision_from") == "teacher":
+            teacher = teacher_files(cache, manifest)
+        tok_dir = spec.get("tokenizer") or teacher
+        hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        if spec.get("vision_from") == "teacher":
+            spec = {**spec, "vision_from": teacher}
+        model = build_model(spec, hf_tok)
+    if lora is not None:
+        if any(st.qat for st in recipe.stages) or any(st.upcycle for st in recipe.stages):
+            raise RecipeError("model.lora trains adapters on a dense float LLM: not with qat or upcycle stages")
+        add_lora(model, LoraSpec.parse(lora))
+    return model, hf_tok
 
 
-def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, val: Path | None = None,
-                      max_steps: int | None = None, seed: int | None = None, verify: bool = True,
-                      shuffle_buffer: int = 256, stop_after: int | None = None,
-                      teacher_weights: list[float] | None = None, teacher_mix: str = "average",
-                      allow_partial: bool = False, data_workers: int | str = "auto") -> TrainResult:
-    """`cache`: one teacher cache, or several (different teachers over the same data: the first one
-    streams, the others' top-k targets join by sample id; `vlmkd.cache.join`). `data_workers`: 1 decodes
-    the cache in a DataLoader worker process ahead of the step, 0 on the trainer's thread (same batches),
-    auto: 1 on a GPU, 0 on the CPU."""
-    init_from_env()  # under torchrun: join the process group
+@dataclass
+class StudentRun:
+    """Everything a student's training needs, built once the same way for vlmkd's own loop and for
+    the transformers Trainer (`vlmkd.hf_trainer`): same model init, same learned maps, same batches."""
+
+    recipe: Recipe
+    model: torch.nn.Module
+    hf_tok: object
+    tok: Tokenizer
+    layout: Layout
+    objective: KDObjective
+    source: CacheSource
+    val_path: Path
+    mix: TeacherMix | None = None
+
+
+def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | None = None, seed: int | None = None,
+                    verify: bool = True, shuffle_buffer: int = 256, teacher_weights: list[float] | None = None,
+                    teacher_mix: str = "average", allow_partial: bool = False, data_workers: int | str = "auto",
+                    rejects: RejectLog | None = None) -> StudentRun:
+    """The student, its objective and its batch source from a recipe and a cache (or several)."""
     caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
     cache, others = caches[0], caches[1:]
     recipe = load_recipe(recipe_path)
@@ -97,15 +121,30 @@ def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, va
     stage_readers = {name: CacheReader(path, payloads=objective.payloads_of([name]), verify=verify,
                                        shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
                      for name, path in own.items()}
-    val_path = val or validation_manifest(cache, reader.manifest)
-    out = Path(out)
-    rejects = RejectLog(out / "rejects.jsonl")
     mix = None
     if others:
         mix = TeacherMix(reader, [CacheReader(c, payloads=("tokens", "topk"), verify=verify) for c in others],
-                         teacher_weights, teacher_mix, allow_partial, rejects)
-    val_items = load_items(val_path, tok, layout, rejects)
+                         teacher_weights, teacher_mix, allow_partial, rejects or RejectLog(None))
+    source = CacheSource(reader, layout, tok.pad_id, mix, data_workers, stage_readers=stage_readers)
+    return StudentRun(recipe, model, hf_tok, tok, layout, objective, source,
+                      val or validation_manifest(cache, reader.manifest), mix)
+
+
+def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, val: Path | None = None,
+                      max_steps: int | None = None, seed: int | None = None, verify: bool = True,
+                      shuffle_buffer: int = 256, stop_after: int | None = None,
+                      teacher_weights: list[float] | None = None, teacher_mix: str = "average",
+                      allow_partial: bool = False, data_workers: int | str = "auto") -> TrainResult:
+    """`cache`: one teacher cache, or several (different teachers over the same data: the first one
+    streams, the others' top-k targets join by sample id; `vlmkd.cache.join`). `data_workers`: 1 decodes
+    the cache in a DataLoader worker process ahead of the step, 0 on the trainer's thread (same batches),
+    auto: 1 on a GPU, 0 on the CPU."""
+    init_from_env()  # under torchrun: join the process group
+    out = Path(out)
+    rejects = RejectLog(out / "rejects.jsonl")
+    run = prepare_student(recipe_path, cache, val, seed, verify, shuffle_buffer, teacher_weights, teacher_mix,
+                          allow_partial, data_workers, rejects)
+    val_items = load_items(run.val_path, run.tok, run.layout, rejects)
     with bar() as p:
-        return train(recipe, model, hf_tok, tok, layout, CacheSource(reader, layout, tok.pad_id, mix, data_workers,
-                                                                            stage_readers=stage_readers), val_items, out,
-                     objective=objective, max_steps=max_steps, progress=p, stop_after=stop_after)
+        return train(run.recipe, run.model, run.hf_tok, run.tok, run.layout, run.source, val_items, out,
+                     objective=run.objective, max_steps=max_steps, progress=p, stop_after=stop_after)

@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlmkd.errors import RecipeError
+from vlmkd.train.dist import average_gradients, init_from_env
 from vlmkd.train.loop import set_trainable
 from vlmkd.train.recipe import Stage
 from vlmkd.train.schedule import lr_factor
@@ -80,10 +81,12 @@ def kd_arguments(run, stage: str | int, output_dir: str, **overrides) -> Trainin
     """TrainingArguments that mirror the stage (steps, clipping, accumulation, bf16); anything else is
     the user's (`overrides`)."""
     _, st = _stage(run, stage)
+    init_from_env()  # under torchrun / accelerate launch: the process group (gloo on the CPU) before accelerate
     kw = dict(output_dir=str(output_dir), max_steps=st.steps, max_grad_norm=st.clip,
               gradient_accumulation_steps=st.grad_accum, logging_steps=1, report_to=[], save_strategy="no",
               bf16=run.recipe.dtype == "bfloat16", seed=run.recipe.seed, use_cpu=not torch.cuda.is_available(),
-              remove_unused_columns=False, dataloader_num_workers=0)
+              remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+              ddp_backend="gloo" if torch.distributed.is_initialized() and not torch.cuda.is_available() else None)
     return TrainingArguments(**{**kw, **overrides})
 
 
@@ -107,7 +110,7 @@ class _ZeroMapGrads(TrainerCallback):
     def __init__(self, loss: KDLoss):
         self.loss = loss
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002 - the callback's signature
         self.loss.zero_grad(set_to_none=True)
 
 
@@ -120,6 +123,9 @@ class KDTrainer(Trainer):
         self.run = run
         self.kd_index, self.kd_stage = _stage(run, stage)
         self.kd_loss = KDLoss(run, stage)
+        if args.max_grad_norm <= 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise RecipeError("KDTrainer under several processes averages the learned maps' gradients where it "
+                              "clips: set max_grad_norm > 0 (kd_arguments takes the stage's clip)")
         if optimizers == (None, None):
             optimizers = kd_optimizer(run, stage, args.max_steps if args.max_steps > 0 else None)
         super().__init__(model=run.model, args=args, optimizers=optimizers, **kwargs)
@@ -132,6 +138,8 @@ class KDTrainer(Trainer):
         return torch.utils.data.DataLoader(StageBatches(self.run, self.kd_index), batch_size=None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model is not self.model:  # DDP's wrapper: forward through it (gradient sync), read the rest inside
+            model = _Wrapped(model, self.model)
         total, terms = self.kd_loss(model, inputs, self.state.global_step)
         for k, v in terms.items():
             self._term_logs.setdefault(f"loss_{k}", []).append(float(v.detach()))
@@ -144,5 +152,26 @@ class KDTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _clip_grad_norm(self, model):
-        params = [p for p in [*model.parameters(), *self.kd_loss.parameters()] if p.requires_grad]
+        # the learned maps are outside DDP's wrapper: their gradients are averaged over ranks here, as
+        # vlmkd's loop averages everything, before the one clip over student and maps together
+        maps = [p for p in self.kd_loss.parameters() if p.requires_grad]
+        average_gradients(maps)
+        params = [p for p in model.parameters() if p.requires_grad] + maps
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+
+class _Wrapped:
+    """A distributed wrapper seen as the model it wraps: calls go through the wrapper (so DDP syncs
+    the gradients), attributes (config, parts, LM head) come from the model. The objective then takes
+    the full-logits path: the fused one calls the inner model directly, which would bypass the sync."""
+
+    _vlmkd_wrapped = True
+
+    def __init__(self, wrapper, module):
+        self._wrapper, self._module = wrapper, module
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)

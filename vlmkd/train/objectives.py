@@ -85,7 +85,8 @@ class KDObjective(Objective):
     def _impl(self, plan: StagePlan, model) -> str:
         impl = plan.impl
         if impl == "auto":
-            if plan.full_logits or is_sharded(model):  # FSDP gathers the LM head only inside the model's forward
+            # FSDP gathers the LM head only inside the model's forward; a Trainer's DDP wrapper syncs there
+            if plan.full_logits or is_sharded(model) or getattr(model, "_vlmkd_wrapped", False):
                 return "full"
             return "triton" if best_impl(next(model.parameters()).device) == "triton" else "full"
         if impl != "full" and is_sharded(model):

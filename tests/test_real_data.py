@@ -26,7 +26,7 @@ from vlmkd.data.select import accepts
 from vlmkd.errors import CacheError, DataError
 from vlmkd.eval.run import exchanges
 from vlmkd.eval.score import choice_letter, matches, normalised
-from vlmkd.models.build import build_model, data_tokenizer, load_model, save_model
+from vlmkd.models.build import build_model, data_tokenizer, load_model
 from vlmkd.teacher.hf_backend import Extraction
 from vlmkd.teacher.job import CacheJob, run_cache_job
 from vlmkd.train.kd_data import CacheSource, collate_kd, student_pixels

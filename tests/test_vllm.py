@@ -129,3 +129,43 @@ def test_student_trains_from_a_vllm_cache(two_caches, shapes_dir, tmp_path):
                                                   "warmup": 2, "batch_size": 8, "losses": {"ce": 1, "res": 1}}]}))
     res = train_student_run(recipe, two_caches["vllm"], tmp_path / "run", val=shapes_dir / "val.json")
     assert (res.model_dir / "config.json").is_file()
+
+
+def test_vllm_loads_a_merged_lora_student(two_caches, shapes_dir, tmp_path):
+    """A LoRA student's merged export is a plain checkpoint: vLLM loads it and scores what transformers does."""
+    pytest.importorskip("peft")
+    import torch
+    import yaml
+    from conftest import TINY_IDEFICS3
+
+    from vlmkd.data.dataset import encode_samples
+    from vlmkd.data.manifest import load_samples
+    from vlmkd.hf_trainer import save_student
+    from vlmkd.teacher.hf_backend import HFTeacher
+    from vlmkd.teacher.vllm_backend import VLLMTeacher
+    from vlmkd.train.student import prepare_student
+
+    model = {**TINY_IDEFICS3, "vision_from": "teacher", "lora": {"r": 4, "alpha": 8},
+             "text": {"hidden": 64, "layers": 1, "heads": 2, "intermediate": 64}}  # vLLM's CPU attention: head dim >= 32
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "lora", "model": model, "stages": [
+        {"name": "kd", "steps": 1, "losses": {"ce": 1.0}}]}))
+    run = prepare_student(recipe, two_caches["hf"], val=shapes_dir / "val.json", data_workers=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in run.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.3)
+    out = save_student(run, tmp_path / "merged")
+    settings = Extraction(topk=8, attn_layers=[], hidden_points=[])
+    samples, _ = load_samples(shapes_dir / "val.json")
+    got = {}
+    for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):
+        teacher = cls(out, settings)
+        items = encode_samples(samples[:16], teacher.tok, teacher.layout)
+        got[name] = teacher.topk_arrays(items)
+        if hasattr(teacher, "close"):
+            teacher.close()
+    for (pa, ia, la, _), (pb, ib, lb, _) in zip(got["hf"], got["vllm"], strict=True):
+        assert np.array_equal(pa, pb)
+        assert np.abs(la[:, 0] - lb[:, 0]).max() < 1e-3 and (ia[:, 0] == ib[:, 0]).mean() > 0.95

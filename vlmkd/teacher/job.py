@@ -17,7 +17,13 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer
 
 from vlmkd.cache import format as fmt
-from vlmkd.cache.manifest import sha256_file, write_manifest, tokenizer_fingerprint, totals, weights_fingerprint
+from vlmkd.cache.manifest import (
+    sha256_file,
+    tokenizer_fingerprint,
+    totals,
+    weights_fingerprint,
+    write_manifest,
+)
 from vlmkd.cache.writer import CacheWriter
 from vlmkd.data.dataset import encode_samples
 from vlmkd.data.manifest import Reject, Sample, describe

@@ -20,8 +20,8 @@ from vlmkd.data.dataset import pixel_batch
 from vlmkd.data.images import to_rgb, to_uint8
 from vlmkd.data.layout import Layout
 from vlmkd.data.select import accepts, lacks_field
-from vlmkd.progress import console
 from vlmkd.errors import CacheError, RecipeError
+from vlmkd.progress import console
 from vlmkd.train.dist import dist_info
 from vlmkd.train.recipe import Stage
 

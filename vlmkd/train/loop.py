@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass

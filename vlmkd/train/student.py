@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from transformers import AutoTokenizer
 
 from vlmkd.cache.join import TeacherMix

@@ -66,27 +66,29 @@ def test_only_adapters_and_the_projector_train(cache, tmp_path):
                            init["model.connector.modality_projection.proj.weight"])
 
 
-def test_merged_export_has_the_adapted_models_logits(cache, tmp_path):
-    run = prepare_student(_recipe(tmp_path), cache, data_workers=0)
-    torch.manual_seed(0)
-    with torch.no_grad():  # adapters with non-zero B, as after training
+def _merged_logits_gap(run, tmp_path, seed=0) -> float:
+    """Max |logit difference| between the adapted model (adapters with non-zero B, as after training)
+    and its merged export loaded in plain transformers, on one cached batch."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmkd.models.build import save_model
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
         for n, p in run.model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.2)
     batch = next(run.source.batches(0, run.recipe.stages[0], 0))
-    keys = ("input_ids", "attention_mask", "pixel_values")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     run.model.eval()
-    with torch.no_grad():
-        want = run.model(**{k: batch[k] for k in keys}).logits
-    from vlmkd.models.build import save_model
-
     save_model(run.model, run.hf_tok, tmp_path / "merged", state_dict=merged_state_dict(run.model))
-    from transformers import AutoModelForImageTextToText
-
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
-        got = plain(**{k: batch[k] for k in keys}).logits
-    assert (got - want).abs().max() < 1e-5
+        return float((plain(**inputs).logits - run.model(**inputs).logits).abs().max())
+
+
+def test_merged_export_has_the_adapted_models_logits(cache, tmp_path):
+    assert _merged_logits_gap(prepare_student(_recipe(tmp_path), cache, data_workers=0), tmp_path) < 1e-5
 
 
 def test_resume_is_exact(cache, tmp_path):
@@ -105,3 +107,29 @@ def test_bad_lora_sections_are_refused(cache, tmp_path):
         LoraSpec.parse({"rank": 8})
     with pytest.raises(RecipeError, match="not with qat"):
         prepare_student(_recipe(tmp_path, qat={"bits": 4, "group_size": 32}), cache, data_workers=0)
+
+
+def test_qlora_base_is_frozen_integers_and_the_export_merges(cache, tmp_path):
+    """QLoRA: the decoder's base weights held as int4 levels (int8 storage) + scales, frozen; adapters
+    train; resume is exact; the export (dequantised + merged) has the adapted model's logits."""
+    from vlmkd.models.lora import QuantizedLinear
+
+    model = {**STUDENT, "lora": {**LORA, "quantize_base": {"bits": 4, "group_size": 32}}}
+    recipe = _recipe(tmp_path, model=model, steps=6)
+    run = prepare_student(recipe, cache, data_workers=0)
+    quant = [m for m in run.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quant) == 2 * 7  # every decoder linear of the 2 layers
+    for m in quant:
+        assert m.q.dtype == torch.int8 and int(m.q.min()) >= -8 and int(m.q.max()) <= 7
+    train_student_run(recipe, cache, tmp_path / "whole", data_workers=0)
+    train_student_run(recipe, cache, tmp_path / "cut", data_workers=0, stop_after=2)
+    train_student_run(recipe, cache, tmp_path / "cut", data_workers=0)
+    a = load_file(str(tmp_path / "whole" / "lora" / "adapters.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "lora" / "adapters.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(float(v.abs().sum()) for k, v in a.items() if "lora_B" in k)
+    trained = load_file(str(find_checkpoint(tmp_path / "whole") / "model.safetensors"))
+    fresh = {k: v for k, v in run.model.state_dict().items() if k.endswith(".q")}
+    assert fresh and all(torch.equal(trained[k], v) for k, v in fresh.items())  # the base never moved
+    assert _merged_logits_gap(run, tmp_path, seed=1) < 1e-5  # dequantised base + B A
+    with pytest.raises(RecipeError, match="bits must be 4 or 8"):
+        LoraSpec.parse({"quantize_base": {"bits": 3}})

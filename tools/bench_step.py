@@ -40,11 +40,14 @@ def main() -> None:
     from vlmkd.train.loop import set_trainable
     from vlmkd.train.student import prepare_student, train_student_run
 
-    trainable = {}
+    trainable, model_mib = {}, {}
     for recipe in args.recipes.split(","):
         prep = prepare_student(ROOT / "pipelines" / f"{recipe}.yaml", args.cache, val=args.val, data_workers=0)
         params = set_trainable(prep.model, prep.recipe.stages[0].trainable) + list(prep.objective.parameters())
         trainable[recipe] = sum(p.numel() for p in params)
+        # the student's weights and buffers as held in memory (a QLoRA base as int8 levels + scales)
+        model_mib[recipe] = sum(t.numel() * t.element_size()
+                                for t in [*prep.model.parameters(), *prep.model.buffers()]) / 2**20
 
     rows = [(r, int(w)) for r in args.recipes.split(",") for w in args.data_workers.split(",")]
     per: dict[str, list[float]] = {f"{r} w{w}": [] for r, w in rows}
@@ -61,15 +64,15 @@ def main() -> None:
                 per[f"{recipe} w{workers}"].append(statistics.median(secs))
     base = statistics.mean(next(iter(per.values())))
     table = []
-    print(f"{'recipe':<18} {'median step s':>14} {'SD (sample)':>12} {'x first':>8} {'trainable':>10} {'AdamW MiB':>10}")
+    print(f"{'recipe':<18} {'median step s':>14} {'SD (sample)':>12} {'x first':>8} {'trainable':>10} {'AdamW MiB':>10} {'model MiB':>10}")
     for name, vals in per.items():
         m = statistics.mean(vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        n = trainable[name.rsplit(" ", 1)[0]]
+        n, mib = trainable[name.rsplit(" ", 1)[0]], model_mib[name.rsplit(" ", 1)[0]]
         adam = 2 * 4 * n / 2**20  # two float32 moments per trainable parameter
         table.append({"row": name, "step_seconds": m, "sd": sd, "ratio": m / base, "rounds": vals,
-                      "trainable_params": n, "adamw_state_mib": adam})
-        print(f"{name:<18} {m:>14.4f} {sd:>12.4f} {m / base:>8.2f} {n:>10,} {adam:>10.2f}")
+                      "trainable_params": n, "adamw_state_mib": adam, "model_mib": mib})
+        print(f"{name:<18} {m:>14.4f} {sd:>12.4f} {m / base:>8.2f} {n:>10,} {adam:>10.2f} {mib:>10.2f}")
     out = {"cache": str(args.cache), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "rows": table}
     if args.json:

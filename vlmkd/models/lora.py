@@ -6,6 +6,12 @@ plain weights that transformers and vLLM load, with the adapters kept beside.
 A recipe's model section takes `lora: {r, alpha, dropout, target_modules}`; a stage's `trainable:
 [llm]` then trains the LLM's adapters only (its base weights and the LM head stay frozen), and other
 listed parts (`projector`, `vision`) train fully.
+
+QLoRA (`lora: {..., quantize_base: {bits: 4, group_size: 32}}`): every linear layer of the LLM's
+decoder is frozen as integer levels with group scales (vlmkd's quantiser, models/quant.py; one level
+per int8 byte, so 4× less memory than float32 for the base, the packing to two int4 per byte being the
+export format's job) and computes with the dequantised weight; the adapters train in float on top. The
+export dequantises and merges (a float checkpoint; `vlmkd quantize` re-quantises it if wanted).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    quantize_base: dict | None = None  # QLoRA: {bits: 4 | 8, group_size: N | null}
 
     @classmethod
     def parse(cls, raw) -> LoraSpec:
@@ -39,6 +46,10 @@ class LoraSpec:
         if bad:
             raise RecipeError(f"model.lora: unknown key(s) {sorted(bad)}; known: {sorted(known)}")
         spec = cls(**raw)
+        if spec.quantize_base is not None:
+            from vlmkd.models.quant import QuantSpec
+
+            QuantSpec.parse(spec.quantize_base)  # refuses bad bits / group sizes by name
         if not isinstance(spec.r, int) or spec.r < 1 or not isinstance(spec.target_modules, list) or not spec.target_modules:
             raise RecipeError(f"model.lora: r must be a positive integer and target_modules a non-empty list ({raw})")
         return spec
@@ -48,6 +59,8 @@ def add_lora(model, spec: LoraSpec):
     """Inject the adapters into the language model's target linear layers (not the vision tower)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    if spec.quantize_base is not None:
+        quantize_base(model, spec.quantize_base)
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                      target_modules=list(spec.target_modules), bias="none")
     try:
@@ -56,6 +69,47 @@ def add_lora(model, spec: LoraSpec):
         raise RecipeError(f"model.lora: {e}") from e
     model._vlmkd_lora = spec
     return model
+
+
+class QuantizedLinear(torch.nn.Linear):
+    """A frozen linear layer kept as integer levels `q` (int8) and group scales, computing with the
+    dequantised weight (an nn.Linear to PEFT, which wraps it like any linear layer)."""
+
+    def __init__(self, lin: torch.nn.Linear, spec):
+        from vlmkd.models.quant import quantize_weight
+
+        torch.nn.Module.__init__(self)  # no float weight of its own
+        self.in_features, self.out_features, self.spec = lin.in_features, lin.out_features, spec
+        q, scale = quantize_weight(lin.weight.detach().float(), spec)
+        self.register_buffer("q", q.to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        from vlmkd.models.quant import dequantize
+
+        return dequantize(self.q.float(), self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def quantize_base(model, raw: dict) -> int:
+    """Replace the LLM decoder's linear layers by frozen `QuantizedLinear`s (the set QAT quantises)."""
+    from vlmkd.models.quant import QuantSpec, quant_layers, quantize_weight
+
+    spec = QuantSpec.parse(raw)
+    layers = quant_layers(model)
+    for name, lin in layers.items():
+        try:
+            quantize_weight(lin.weight.detach(), spec)
+        except RecipeError as e:
+            raise RecipeError(f"model.lora.quantize_base: layer {name}: {e}") from e
+    for name, lin in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear(lin, spec))
+    return len(layers)
 
 
 def has_lora(model) -> bool:
@@ -71,7 +125,12 @@ def _lora_layers(model):
 def merged_state_dict(model, state: dict | None = None) -> dict:
     """The model's weights under plain names with each adapter merged in (W + scale * B A), computed
     without touching the model (training can go on after an intermediate save)."""
+    from vlmkd.models.quant import dequantize
+
     sd = dict(state if state is not None else model.state_dict())
+    for key in [k for k in sd if k.endswith(".q")]:  # QLoRA's frozen base: dequantised first
+        stem = key[: -len(".q")]
+        sd[f"{stem}.weight"] = dequantize(sd.pop(key).float(), sd.pop(f"{stem}.scale"))
     for name, mod in _lora_layers(model):
         base = f"{name}.base_layer"
         w = sd.pop(f"{base}.weight")

@@ -41,6 +41,9 @@ def _stage(run, stage: str | int) -> tuple[int, Stage]:
     raise RecipeError(f"no stage {stage!r} in recipe {run.recipe.name}; it has {[st.name for st in stages]}")
 
 
+OBJECTIVE_FILE = "vlmkd_objective.pt"  # the learned maps (and buffers) of the stage's terms, per checkpoint
+
+
 class StageBatches(torch.utils.data.IterableDataset):
     """Whole student batches of one recipe stage from the run's cache (`CacheSource.batches`), from
     micro-step `start` on; iterate it with `DataLoader(..., batch_size=None)`."""
@@ -150,6 +153,19 @@ class KDTrainer(Trainer):
             logs.update({k: sum(v) / len(v) for k, v in self._term_logs.items()})
             self._term_logs = {}
         super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # the learned maps live beside the model: saved with every checkpoint, read back on resume
+        if self.args.should_save:
+            torch.save(self.kd_loss.objective.state_dict(), Path(output_dir or self.args.output_dir) / OBJECTIVE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / OBJECTIVE_FILE
+        if not path.is_file():
+            raise RecipeError(f"{resume_from_checkpoint} has no {OBJECTIVE_FILE}: not a KDTrainer checkpoint")
+        self.kd_loss.objective.load_state_dict(torch.load(path, weights_only=True, map_location=self.args.device))
 
     def _clip_grad_norm(self, model):
         # the learned maps are outside DDP's wrapper: their gradients are averaged over ranks here, as

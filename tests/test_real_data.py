@@ -468,3 +468,14 @@ def test_a_stage_reads_its_own_cache(mixed, trained_tiny_teacher, shapes_dir, tm
     recipe.write_text(yaml.safe_dump({"name": "two", "model": student, "stages": stages}))
     with pytest.raises(CacheError, match="no_such_cache"):
         train_student_run(recipe, mixed["cache"], tmp_path / "run2")
+
+
+def test_a_batch_of_text_only_rows_caches(trained_tiny_teacher, tmp_path):
+    """No image in a whole teacher batch: no connector runs, and no visual payload is asked of it."""
+    rows = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "What is 2+2?"},
+                                              {"from": "gpt", "value": "four"}]} for i in range(3)]
+    man = run_cache_job(CacheJob(trained_tiny_teacher, _write(tmp_path / "t.jsonl", rows, jsonl=True), tmp_path / "c",
+                                 Extraction(topk=8, attn_layers=[0], hidden_points=["projector", "final"])))
+    assert man["counts"] == {"rows": 3, "samples": 3, "rejects": 0}
+    got = list(CacheReader(tmp_path / "c", payloads=("tokens", "topk", "attn", "hidden")).samples())
+    assert len(got) == 3 and not any("hidden" in s or "attn" in s for s in got)

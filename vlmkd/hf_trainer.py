@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlmkd.errors import RecipeError
 from vlmkd.train.dist import average_gradients, init_from_env
-from vlmkd.train.loop import set_trainable
+from vlmkd.train.loop import save_export, stage_optimizer, weighted_total
 from vlmkd.train.recipe import Stage
 from vlmkd.train.schedule import lr_factor
 
@@ -65,16 +65,14 @@ class KDLoss(torch.nn.Module):
 
     def forward(self, model, batch: dict, step: int = 0):
         terms = self.objective(self.stage, model, batch, step)
-        total = sum(self.stage.losses.get(k, 1.0) * v for k, v in terms.items())
-        return total, terms
+        return weighted_total(self.stage, terms), terms
 
 
 def kd_optimizer(run, stage: str | int, total_steps: int | None = None):
     """AdamW over the stage's trainable parts and the objective's maps, and the LR schedule (warm-up,
     then cosine to `min_lr_ratio`), exactly as vlmkd's loop makes them."""
     _, st = _stage(run, stage)
-    params = set_trainable(run.model, st.trainable) + list(run.objective.parameters())
-    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay, betas=(0.9, 0.98))
+    _, opt = stage_optimizer(run.model, run.objective, st)
     total = total_steps or st.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, total, st.warmup, st.min_lr_ratio))
     return opt, sched
@@ -96,14 +94,7 @@ def kd_arguments(run, stage: str | int, output_dir: str, **overrides) -> Trainin
 def save_student(run, out) -> Path:
     """The trained student as a plain checkpoint transformers and vLLM load (QAT baked, LoRA merged;
     a LoRA student's adapters also in OUT/lora/), with its tokenizer and processor."""
-    from vlmkd.models.build import save_model
-    from vlmkd.models.lora import has_lora, save_adapters
-    from vlmkd.train.loop import export_weights
-
-    out = save_model(run.model, run.hf_tok, Path(out), state_dict=export_weights(run.model, fsdp=False))
-    if has_lora(run.model):
-        save_adapters(run.model, out / "lora")
-    return out
+    return save_export(run.model, run.hf_tok, Path(out), Path(out) / "lora")
 
 
 class _ZeroMapGrads(TrainerCallback):

@@ -97,19 +97,19 @@ class QuantizedLinear(torch.nn.Linear):
 
 def quantize_base(model, raw: dict) -> int:
     """Replace the LLM decoder's linear layers by frozen `QuantizedLinear`s (the set QAT quantises)."""
-    from vlmkd.models.quant import QuantSpec, quant_layers, quantize_weight
+    from vlmkd.models.quant import QuantSpec, quant_layers
 
     spec = QuantSpec.parse(raw)
-    layers = quant_layers(model)
-    for name, lin in layers.items():
+    built = {}
+    for name, lin in quant_layers(model).items():  # every layer built before any is swapped in
         try:
-            quantize_weight(lin.weight.detach(), spec)
+            built[name] = QuantizedLinear(lin, spec)
         except RecipeError as e:
             raise RecipeError(f"model.lora.quantize_base: layer {name}: {e}") from e
-    for name, lin in layers.items():
+    for name, layer in built.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantizedLinear(lin, spec))
-    return len(layers)
+        setattr(model.get_submodule(parent), child, layer)
+    return len(built)
 
 
 def has_lora(model) -> bool:

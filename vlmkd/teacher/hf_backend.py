@@ -127,6 +127,8 @@ class HFTeacher:
             logits = self.model(**model_inputs(batch)).logits
         out = []
         vis_row = np.cumsum(batch["image_mask"].any(1).numpy()) - 1  # row b's place among rows with an image
+        vis_states = ({point: visual_rows(pr, point, batch["image_mask"]) for point in s.hidden_points}
+                      if batch["image_mask"].any() else {})  # (a text-only batch runs no connector)
         for b, it in enumerate(items):
             enc = it.enc
             T = len(enc.input_ids)
@@ -158,7 +160,7 @@ class HFTeacher:
             if s.hidden_points and len(vis):
                 hs = []
                 for point in s.hidden_points:
-                    hs.append(self._narrowed(visual_rows(pr, point, batch["image_mask"])[vis_row[b]].float()))
+                    hs.append(self._narrowed(vis_states[point][vis_row[b]].float()))
                 members["hidden"] = fmt.encode_hidden(torch.stack(hs).numpy())
             if s.text_pool and self.covers("final"):
                 text = torch.from_numpy(~enc.image_mask.astype(bool) & ~enc.labels_mask.astype(bool))

@@ -114,9 +114,8 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     bad = [r for r in rows if isinstance(r, Reject)]
     console.print(f"{Path(job.data).name}: {describe(samples, bad)}")
     if not samples:
-        why = "".join(f"\n  {r.reason}" for r in bad[:3]) + (f"\n  ... and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise DataError(f"{job.data}: no usable row ({describe(samples, bad)}){why}")
-    pairs = any(isinstance(r, Sample) and "rejected" in r.extra for r in rows)
+        raise DataError(f"{job.data}: no usable row ({describe(samples, bad)}){_first_reasons([r.reason for r in bad])}")
+    pairs = any("rejected" in s.extra for s in samples)
     if (job.settings.logits == "sampled" or pairs) and job.backend == "auto" and teacher is None:
         backend = "hf"  # the only backend with the full distribution and pair scoring (check_settings says why)
     else:
@@ -183,16 +182,21 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     if t["samples"] == 0 and job.num_parts == 1:  # (a part may be all rejects: `cache merge` checks the whole)
         manifest["state"] = "no-samples"  # not complete: a re-run says the same, never "nothing to do"
         write_manifest(writer.path, manifest)
-        bad = [r["reason"] for sh in manifest["shards"] for r in sh["rejects"]]
-        why = "".join(f"\n  {r}" for r in bad[:3]) + (f"\n  ... and {len(bad) - 3} more" if len(bad) > 3 else "")
+        reasons = [r["reason"] for sh in manifest["shards"] for r in sh["rejects"]]
         raise DataError(f"{job.data}: no usable sample ({end - start} rows = 0 samples + {t['rejects']} rejected; "
-                        f"see {out / 'rejects.jsonl'}){why}")
+                        f"see {out / 'rejects.jsonl'}){_first_reasons(reasons)}")
     write_manifest(writer.path, manifest)
     console.print(f"cache part {job.part_index + 1}/{job.num_parts}: {t['samples']} samples, {t['scored_tokens']} scored "
                   f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {out}; {end - start} rows = {t['samples']} "
                   f"samples + {t['rejects']} rejected"
                   + (f" (see {out / 'rejects.jsonl'})" if t["rejects"] else ""))
     return manifest
+
+
+def _first_reasons(reasons: list[str], n: int = 3) -> str:
+    """The first rejects' reasons, one per line, for an error that says why nothing was usable."""
+    more = f"\n  ... and {len(reasons) - n} more" if len(reasons) > n else ""
+    return "".join(f"\n  {r}" for r in reasons[:n]) + more
 
 
 def job_fingerprint(job: CacheJob, backend: str) -> dict:

@@ -148,7 +148,7 @@ class CacheSource:
             raise RecipeError(f"data workers: 0 (the trainer's thread) or 1 (a decoding process), not {workers}")
         self.reader, self.layout, self.pad_id, self.mix = reader, layout, pad_id, mix
         self.workers, self.prefetch = workers, prefetch
-        self.said = False
+        self._said: set[str] = set()  # stages whose unfielded samples were counted aloud
         self.stage_readers = stage_readers or {}
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
@@ -174,8 +174,8 @@ class CacheSource:
             if got == 0:
                 raise CacheError(f"{reader.root}: no cached samples for stage {stage.name} (data: {stage.data!r}"
                                  f" by field {stage.data_field!r}, prompt_regex {stage.prompt_regex!r})")
-            if epoch == 0 and unfielded and not self.said:
-                self.said = True
+            if epoch == 0 and unfielded and stage.name not in self._said:
+                self._said.add(stage.name)
                 console.print(f"{where}: {unfielded} of {got} samples have no {stage.data_field!r} field; the stage "
                               f"(data: {stage.data}) takes them too")
 

@@ -126,11 +126,33 @@ def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:
     return params
 
 
-def export_weights(model, fsdp: bool, baked: bool = True) -> dict | None:
+def stage_optimizer(model, objective, stage: Stage) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The stage's trainable parameters (its parts and the objective's learned maps) and their AdamW."""
+    params = set_trainable(model, stage.trainable) + list(objective.parameters())
+    return params, torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+
+
+def weighted_total(stage: Stage, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A stage's loss: its terms times their recipe weights."""
+    return sum(stage.losses.get(k, 1.0) * v for k, v in terms.items())
+
+
+def export_weights(model, fsdp: bool) -> dict | None:
     """The weights a saved model gets: gathered under FSDP, fake-quantised baked (QAT), adapters
     merged (LoRA); None when the model's own state dict is it."""
-    weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=baked)
+    weights = full_model_state(model) if fsdp else plain_state_dict(model, baked=True)
     return merged_state_dict(model, weights) if has_lora(model) else weights
+
+
+def save_export(model, hf_tok, out: Path, adapters: Path | None, fsdp: bool = False) -> Path:
+    """The student as a plain checkpoint (`export_weights`), and a LoRA student's adapters alone in
+    `adapters`. Under FSDP every rank calls it (the gather) and rank 0 writes."""
+    weights = export_weights(model, fsdp)
+    if is_main():
+        save_model(model, hf_tok, out, state_dict=weights)
+        if has_lora(model) and adapters is not None:
+            save_adapters(model, adapters)
+    return Path(out)
 
 
 def evaluate(model, items: Sequence[Item], layout: Layout, tok: Tokenizer, batch_size: int = 64) -> dict:
@@ -219,8 +241,7 @@ def train(
         qat = next((QuantSpec.parse(st.qat) for st in recipe.stages[: si + 1] if st.qat), None)
         if qat is not None and fake_quant_spec(model) is None:  # from the first qat stage on (also on resume)
             add_fake_quant(model, qat)
-        params = set_trainable(model, stage.trainable) + [p for p in objective.parameters()]
-        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
+        params, opt = stage_optimizer(model, objective, stage)
         first = start_step if si == start_stage else 0
         if state is not None and si == start_stage and first > 0:
             load_full_optimizer_state(holder, opt, torch.load(ckpt / "optimizer.pt", weights_only=True,
@@ -240,7 +261,7 @@ def train(
                 ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with ctx:
                     terms = objective(stage, model, batch, step)
-                loss = sum(stage.losses.get(k, 1.0) * v for k, v in terms.items())
+                loss = weighted_total(stage, terms)
                 (loss / stage.grad_accum).backward()
                 for k, v in terms.items():
                     logs[f"loss_{k}"] = logs.get(f"loss_{k}", 0.0) + float(v.detach()) / stage.grad_accum
@@ -278,18 +299,13 @@ def train(
                                     objective.state_dict(), model_state=weights, optimizer_state=opt_state)
             if stop_after and done_steps >= stop_after:
                 return TrainResult(run_dir, run_dir / "checkpoint", global_step, time.time() - t0, last_eval)
-        weights = export_weights(model, fsdp)
-        if main:
-            save_model(model, hf_tok, run_dir / f"stage_{si}_{stage.name}", state_dict=weights)
+        save_export(model, hf_tok, run_dir / f"stage_{si}_{stage.name}", None, fsdp)
         state = None
     model_dir = Path(model_out or run_dir / "model")
     # a QAT student is saved as it computes (fake-quantised weights, in floats) and exported with
     # real integer weights beside it, whose accuracy is logged as kind "eval_export"
-    weights = export_weights(model, fsdp)
+    save_export(model, hf_tok, model_dir, run_dir / "lora", fsdp)
     if main:
-        save_model(model, hf_tok, model_dir, state_dict=weights)
-        if has_lora(model):
-            save_adapters(model, run_dir / "lora")
         if (spec := fake_quant_spec(model)) is not None:
             exported = export_quantized(model, spec, hf_tok, model_dir.with_name(f"{model_dir.name}_{spec.tag}"))
             metrics.write({"kind": "eval_export", "step": global_step, "stage": recipe.stages[-1].name,

@@ -89,7 +89,6 @@ class StudentRun:
     objective: KDObjective
     source: CacheSource
     val_path: Path
-    mix: TeacherMix | None = None
 
 
 def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | None = None, seed: int | None = None,
@@ -126,7 +125,7 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
                          teacher_weights, teacher_mix, allow_partial, rejects or RejectLog(None))
     source = CacheSource(reader, layout, tok.pad_id, mix, data_workers, stage_readers=stage_readers)
     return StudentRun(recipe, model, hf_tok, tok, layout, objective, source,
-                      val or validation_manifest(cache, reader.manifest), mix)
+                      val or validation_manifest(cache, reader.manifest))
 
 
 def train_student_run(recipe_path: Path, cache: Path | list[Path], out: Path, val: Path | None = None,

@@ -13,10 +13,10 @@ from vlmkd.train.terms.base import Setup, Step, Term
 
 class Align(Term):
     name = "align"
+    visual = True
 
     def __init__(self, opts, setup: Setup):
         super().__init__(opts, setup)
-        self.visual = True
         setup.cache.need_full_width(f"{setup.where}: loss 'align'")
         setup.cache.need_point("projector", f"{setup.where}: loss 'align'")
         self.payloads = ("attn", "hidden")

@@ -26,11 +26,11 @@ class AttnOptions:
 
 class Attn(Term):
     name = "attn"
+    visual = True
     options = AttnOptions
 
     def __init__(self, opts: AttnOptions, setup: Setup):
         super().__init__(opts, setup)
-        self.visual = True
         cached = setup.cache.attn_layers
         self.payloads = ("attn",)
         if opts.layer_map is not None:

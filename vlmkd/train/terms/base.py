@@ -167,6 +167,7 @@ class Term(torch.nn.Module):
 
     name: ClassVar[str] = ""
     options: ClassVar[type] = NoOptions
+    visual: ClassVar[bool] = False  # reads visual tokens: text-only rows are skipped, 0 on a batch of them only
 
     def __init__(self, opts, setup: Setup):
         super().__init__()
@@ -175,7 +176,6 @@ class Term(torch.nn.Module):
         self.attn_layers: tuple[int, ...] = ()
         self.hidden_points: tuple[str, ...] = ()
         self.full_logits = False  # needs the model's whole logits (no fused LM-head path)
-        self.visual = False  # reads visual tokens: text-only rows are skipped, 0 on a batch of them only
 
     def loss(self, s: Step) -> torch.Tensor:
         raise NotImplementedError

@@ -27,11 +27,11 @@ class FeatOptions:
 
 class Feat(Term):
     name = "feat"
+    visual = True
     options = FeatOptions
 
     def __init__(self, opts: FeatOptions, setup: Setup):
         super().__init__(opts, setup)
-        self.visual = True
         self.payloads = ("hidden",)
         points = setup.cache.points
         if opts.layer_map is not None:

@@ -12,10 +12,10 @@ from vlmkd.train.terms.base import Setup, Step, Term
 
 class Rel(Term):
     name = "rel"
+    visual = True
 
     def __init__(self, opts, setup: Setup):
         super().__init__(opts, setup)
-        self.visual = True
         setup.cache.need_full_width(f"{setup.where}: loss 'rel'")
         setup.cache.need_point("final", f"{setup.where}: loss 'rel'")
         self.payloads = ("hidden",)

@@ -183,3 +183,26 @@ def test_an_old_cache_without_its_teacher_is_refused_with_what_to_do(kd_cache, t
     stage = {"name": "kd", "steps": 1, "losses": {"ce": 1.0}}
     with pytest.raises(RecipeError, match=r"does not hold the teacher's tokenizer .* rebuild the cache"):
         train_student_run(_recipe(tmp_path, "old", [stage]), d, tmp_path / "run", val=d)
+
+
+def test_a_llava_caches_vision_tower_travels_with_it(hf_tok, shapes_dir, tmp_path):
+    """LLaVA checkpoints name the tower `vision_tower.*` (Idefics3: `model.vision_model.*`): the cache
+    holds it either way, and a student built from the cache alone starts from the teacher's tower."""
+    import shutil
+
+    import torch
+    from conftest import TINY_LLAVA
+
+    from vlmkd.models.build import build_model, save_model
+    from vlmkd.models.parts import parts_of
+
+    teacher = save_model(build_model(TINY_LLAVA, hf_tok), hf_tok, tmp_path / "teacher")
+    run_cache_job(CacheJob(teacher, shapes_dir / "val.json", tmp_path / "cache", Extraction(topk=8, attn_layers=[],
+                                                                                            hidden_points=[])))
+    m = CacheReader(tmp_path / "cache", payloads=()).manifest
+    assert "vision.safetensors" in m["teacher_files"]["files"]
+    want = parts_of(build_model(TINY_LLAVA, hf_tok))["vision"].state_dict()
+    shutil.rmtree(teacher)
+    student = build_model({**TINY_LLAVA, "init_seed": 7, "vision_from": tmp_path / "cache" / "teacher"}, hf_tok)
+    got = parts_of(student)["vision"].state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -92,19 +92,28 @@ def copy_teacher_files(teacher: Path, out: Path) -> list[str]:
 
 def vision_weights(teacher: Path) -> dict[str, np.ndarray]:
     """The teacher checkpoint's vision-tower tensors, keyed as the vision module names them (the
-    checkpoint's names after `model.<tower>.`), read without loading the model."""
+    checkpoint's names after the tower's prefix: `model.<tower>.` as transformers lays the model out,
+    or `<tower>.` as LLaVA checkpoints are saved), read without loading the model. A safetensors
+    checkpoint without them is refused by name (a student copying the tower would otherwise fail later,
+    far from the cause)."""
     from safetensors import safe_open
 
     from vlmkd.models.parts import part_names
 
     model_type = json.loads((Path(teacher) / "config.json").read_text())["model_type"]
-    prefix = f"model.{part_names(model_type)[0]}."
+    tower = part_names(model_type)[0]
+    prefixes = (f"model.{tower}.", f"{tower}.")
+    files = sorted(Path(teacher).glob("*.safetensors"))
     out = {}
-    for f in sorted(Path(teacher).glob("*.safetensors")):
+    for f in files:
         with safe_open(str(f), framework="np") as st:
             for key in st.keys():
-                if key.startswith(prefix):
-                    out[key[len(prefix):]] = st.get_tensor(key)
+                pre = next((p for p in prefixes if key.startswith(p)), None)
+                if pre is not None:
+                    out[key[len(pre):]] = st.get_tensor(key)
+    if files and not out:
+        raise CacheError(f"{teacher}: no vision-tower tensors (names starting {' or '.join(prefixes)}) in its "
+                         f"safetensors files; is it a {model_type} checkpoint?")
     return out
 
 

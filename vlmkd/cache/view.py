@@ -40,12 +40,12 @@ def _payloads(manifest: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
-def find_sample(reader: CacheReader, sample_id: str) -> dict:
-    """One sample's payloads, read from the one shard that holds it (by the manifest's id lists)."""
+def find_sample(reader: CacheReader, sample_id: str, payloads: tuple[str, ...]) -> dict:
+    """One sample's `payloads`, read from the one shard that holds it (by the manifest's id lists)."""
     for shard in reader.shards:
         if sample_id in shard["ids"]:
             for key, members in iter_members(reader.read_shard(shard), shard["name"]):
-                s = decode_sample(key, members, reader.payloads, shard["name"], reader.manifest)
+                s = decode_sample(key, members, payloads, shard["name"], reader.manifest)
                 if s["id"] == sample_id:
                     return s
     some = [i for sh in reader.shards[:1] for i in sh["ids"][:3]]
@@ -81,8 +81,7 @@ def sample_view(cache: str | Path, sample_id: str, tokenizer=None) -> dict:
     """Everything the per-sample page shows, from the cache alone."""
     reader = CacheReader(cache, payloads=())
     man = reader.manifest
-    reader = CacheReader(cache, payloads=_payloads(man))
-    s = find_sample(reader, sample_id)
+    s = find_sample(reader, sample_id, _payloads(man))
     tok = tokenizer or _tokenizer(Path(cache), man)
     text = lambda i: tok.decode([int(i)])  # noqa: E731
     ids = s["input_ids"]
@@ -144,8 +143,8 @@ def cache_report(cache: str | Path, max_samples: int | None = None) -> dict:
     """What the cache holds and costs: counts, rejects by reason (with examples), bytes per payload and
     per scored token, the teacher's entropy / tail / top-1 histograms over its scored rows (response and
     visual apart), and each shard's build time."""
-    head = CacheReader(cache, payloads=())
-    man = head.manifest
+    reader = CacheReader(cache, payloads=("tokens", "topk"))  # (a sampled cache returns before reading samples)
+    man = reader.manifest
     info = summarize(man)
     groups: dict[str, list[dict]] = defaultdict(list)
     for sh in man["shards"]:
@@ -160,7 +159,6 @@ def cache_report(cache: str | Path, max_samples: int | None = None) -> dict:
         out["histograms"] = {}
         out["note"] = "a sampled cache keeps draws, not probabilities: no entropy histograms"
         return out
-    reader = CacheReader(cache, payloads=("tokens", "topk"))
     stats: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "tail", "top1", "v_entropy", "v_tail", "v_top1")}
     kinds = Counter()
     n = 0

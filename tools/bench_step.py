@@ -37,13 +37,13 @@ def main() -> None:
 
     import torch
 
-    from vlmkd.train.loop import set_trainable
+    from vlmkd.train.loop import stage_optimizer
     from vlmkd.train.student import prepare_student, train_student_run
 
     trainable, model_mib = {}, {}
     for recipe in args.recipes.split(","):
         prep = prepare_student(ROOT / "pipelines" / f"{recipe}.yaml", args.cache, val=args.val, data_workers=0)
-        params = set_trainable(prep.model, prep.recipe.stages[0].trainable) + list(prep.objective.parameters())
+        params, _ = stage_optimizer(prep.model, prep.objective, prep.recipe.stages[0])  # what the loop trains
         trainable[recipe] = sum(p.numel() for p in params)
         # the student's weights and buffers as held in memory (a QLoRA base as int8 levels + scales)
         model_mib[recipe] = sum(t.numel() * t.element_size()

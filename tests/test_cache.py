@@ -184,10 +184,13 @@ def test_interrupted_job_resumes_with_every_sample_once(cache_dir, tiny_model_di
 
 
 @pytest.mark.slow
-def test_sigkill_mid_job_then_rerun(cache_dir, tiny_model_dir, shapes_dir, tmp_path):
+@pytest.mark.parametrize("as_url", [False, True])
+def test_sigkill_mid_job_then_rerun(cache_dir, tiny_model_dir, shapes_dir, tmp_path, as_url):
+    """Killed between shard writes, the re-run resumes and writes one clean run's shards; with `as_url`
+    through fsspec's local filesystem (--out file://...), the write path of every URL."""
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "vlmkd", "cache-teacher", "--teacher", str(tiny_model_dir), "--data",
-           str(shapes_dir / "val.json"), "--out", str(out), "--k", "16", "--score-visual", "--backend", "hf",
+           str(shapes_dir / "val.json"), "--out", f"file://{out}" if as_url else str(out), "--k", "16", "--score-visual", "--backend", "hf",
            "--samples-per-shard", "7", "--batch-size", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -195,6 +198,7 @@ def test_sigkill_mid_job_then_rerun(cache_dir, tiny_model_dir, shapes_dir, tmp_p
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert json.loads((out / "manifest.json").read_text())["state"] == "writing"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert _shard_bytes(out) == _shard_bytes(cache_dir)
 
@@ -321,9 +325,10 @@ def test_a_pickled_member_is_refused_by_name(cache_dir, tmp_path):
     members = {"meta": json.dumps({"id": "x", "tokens": 1}).encode(),
                "tokens": fmt.encode_tokens(np.array([1]), np.array([False]), np.array([False])),
                "hidden": zstandard.ZstdCompressor().compress(pickled.getvalue())}
+    from vlmkd.cache.store import Store
     from vlmkd.cache.writer import write_shard
 
-    nbytes, digest, _ = write_shard(d / m["shards"][0]["name"], [("0000000000", members)])
+    nbytes, digest, _ = write_shard(Store(d), m["shards"][0]["name"], [("0000000000", members)])
     m["shards"][0].update(bytes=nbytes, sha256=digest)
     write_manifest(d / "manifest.json", m)
     with pytest.raises(CacheError, match=r"0000000000\.hidden\.npy\.zst.*refused"):
@@ -345,9 +350,10 @@ def test_a_zstd_bomb_is_a_named_cache_error(cache_dir, tmp_path, content_size):
     members = {"meta": json.dumps({"id": "x", "tokens": 3, "scored": 1, "visual_tokens": 0}).encode(),
                "tokens": fmt.encode_tokens(np.array([1, 2, 3]), np.array([False] * 3), np.array([False] * 3)),
                "hidden": bomb}
+    from vlmkd.cache.store import Store
     from vlmkd.cache.writer import write_shard
 
-    nbytes, digest, _ = write_shard(d / m["shards"][0]["name"], [("0000000000", members)])
+    nbytes, digest, _ = write_shard(Store(d), m["shards"][0]["name"], [("0000000000", members)])
     m["shards"][0].update(bytes=nbytes, sha256=digest, samples=1)
     write_manifest(d / "manifest.json", m)
     with pytest.raises(CacheError, match=r"0000000000\.hidden\.npy\.zst.*(zstd bomb|limit)"):

@@ -181,13 +181,17 @@ app.add_typer(cache_app, name="cache")
 def cache_teacher(
     teacher: Path = typer.Option(..., help="teacher model directory (Hugging Face format)"),
     data: Path = typer.Option(..., help="LLaVA-format data manifest (JSON or JSONL)"),
-    out: Path = typer.Option(..., help="cache folder"),
+    out: str = typer.Option(..., help="cache folder, or an fsspec URL (memory://, file://, s3://, gs://)"),
     recipe: Path | None = typer.Option(None, help="a recipe whose `cache:` section sets the extraction"),
     backend: str = typer.Option("auto", help="auto (vLLM when it imports and runs the model), vllm, or hf"),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallelism (GPUs per teacher)"),
     data_parallel_size: int = typer.Option(1, help="vLLM data parallelism (engine replicas)"),
     logits: str | None = typer.Option(None, help="topk (default) or sampled (Random-Sampling KD; hf backend)"),
     topk: int | None = typer.Option(None, "--k", help="top-k log-probs per scored position (default 64)"),
+    top_p: float | None = typer.Option(None, help="adaptive k: per position the fewest of the k ids whose mass "
+                                                  "reaches P (e.g. 0.99); the rest joins the exact tail"),
+    topk_min: int | None = typer.Option(None, help="--top-p: keep at least this many ids per position (default 1)"),
+    shard_layout: str | None = typer.Option(None, help="tar (WebDataset, default) or parquet (one row per sample)"),
     draws: int | None = typer.Option(None, help="--logits sampled: draws per scored position (default 50)"),
     proposal_temperature: float | None = typer.Option(None, help="--logits sampled: draw from p^(1/t) (default 1)"),
     score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
@@ -211,7 +215,8 @@ def cache_teacher(
     from vlmkd.teacher.settings import extraction_from
 
     _threads(threads)
-    settings = extraction_from(recipe, topk=topk, score_visual=score_visual, batch_size=batch_size, logits=logits,
+    settings = extraction_from(recipe, topk=topk, top_p=top_p, topk_min=topk_min, shard_layout=shard_layout,
+                               score_visual=score_visual, batch_size=batch_size, logits=logits,
                                draws=draws, proposal_temperature=proposal_temperature, text_pool=text_pool,
                                hidden_points=hidden_points.split(",") if hidden_points else None)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
@@ -220,7 +225,7 @@ def cache_teacher(
 
 
 @cache_app.command("inspect")
-def cache_inspect(cache: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+def cache_inspect(cache: str = typer.Argument(..., help="cache folder or URL"), as_json: bool = typer.Option(False, "--json")):
     """Counts, sizes, bytes per scored token per payload, and the extraction settings."""
     from vlmkd.cache.inspect import summarize
     from vlmkd.cache.manifest import read_manifest
@@ -244,7 +249,7 @@ def cache_inspect(cache: Path = typer.Argument(...), as_json: bool = typer.Optio
 
 @cache_app.command("show")
 def cache_show(
-    caches: list[Path] = typer.Argument(..., help="a cache; several caches of the same data: side by side"),
+    caches: list[str] = typer.Argument(..., help="a cache; several caches of the same data: side by side"),
     sample: str = typer.Option(..., help="the sample id (as in the data manifest)"),
     out: Path | None = typer.Option(None, help="the page (default: SAMPLE.html)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the page's data as JSON"),
@@ -264,7 +269,7 @@ def cache_show(
 
 @cache_app.command("report")
 def cache_report_cmd(
-    cache: Path = typer.Argument(...),
+    cache: str = typer.Argument(..., help="cache folder or URL"),
     out: Path = typer.Option(Path("report.html"), help="the HTML report"),
     png_dir: Path | None = typer.Option(None, help="also write the figures here as PNG"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report's data as JSON"),
@@ -289,7 +294,7 @@ def cache_report_cmd(
 
 
 @cache_app.command("verify")
-def cache_verify(cache: Path = typer.Argument(...)):
+def cache_verify(cache: str = typer.Argument(..., help="cache folder or URL")):
     """Check every shard's checksum and that every member decodes; exit 1 naming each bad shard."""
     from vlmkd.cache.reader import CacheReader
 
@@ -302,7 +307,7 @@ def cache_verify(cache: Path = typer.Argument(...)):
 
 
 @cache_app.command("merge")
-def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wrote into")):
+def cache_merge(cache: str = typer.Argument(..., help="folder (or URL) the split jobs wrote into")):
     """Join the part manifests of `--num-shards N` jobs into one cache manifest."""
     from vlmkd.cache.manifest import totals
     from vlmkd.cache.writer import merge_parts
@@ -312,10 +317,26 @@ def cache_merge(cache: Path = typer.Argument(..., help="folder the split jobs wr
     console.print(f"merged {m['data']['split']['merged_parts']} parts: {t['samples']} samples in {t['shards']} shards")
 
 
+@cache_app.command("convert")
+def cache_convert(
+    cache: str = typer.Argument(..., help="a complete cache (folder or URL)"),
+    out: str = typer.Argument(..., help="a new folder or URL for the converted cache"),
+    layout: str = typer.Option("parquet", help="the shard layout to write: parquet or tar"),
+):
+    """Rewrite a cache in the other shard layout, without the teacher (the members' bytes unchanged)."""
+    from vlmkd.cache.manifest import totals
+    from vlmkd.cache.writer import convert_layout
+
+    m = convert_layout(cache, out, layout)
+    t = totals(m)
+    console.print(f"{cache} -> {out}: {t['samples']} samples in {t['shards']} {layout} shards, "
+                  f"{t['bytes'] / 2**20:.1f} MiB")
+
+
 @app.command("train-student")
 def train_student(
     recipe: Path = typer.Option(..., help="pipelines/*.yaml: student model, stages, losses"),
-    cache: list[Path] = typer.Option(..., help="the teacher cache to learn from; repeat for several teachers "
+    cache: list[str] = typer.Option(..., help="the teacher cache (folder or URL) to learn from; repeat for several teachers "
                                               "over the same data (the first streams images and features)"),
     out: Path = typer.Option(..., help="run folder: checkpoints, metrics, the student (HF format) in OUT/model"),
     teacher_weights: str | None = typer.Option(None, help="several caches: mixture weights, e.g. 0.7,0.3 "

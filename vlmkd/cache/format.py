@@ -23,6 +23,15 @@ short answers). R scored rows, k ids each:
 The reader renormalises so that the top-k mass is 1 - exp(tail). Layout 1 (before 2026-11-26: uint8
 sqrt(nats) codes, float32 lp_max and tail, plain deltas) is still read.
 
+Layout 3 (adaptive-k, `top_p`): rows of varying width, n_r ids in row r (1 <= n_r <= k), M = sum n_r:
+- header (8 bytes) as layout 2, k = the widest row, layout byte 3;
+- `pos` int32 [R] delta-coded; `tail` float16 [R]; `n` uint16 [R] the row widths;
+- `ids` [M]: per row sorted and gap-coded (each row restarts: first absolute), uint32 byte planes;
+- `code` uint8 [M], per row in the order of its sorted ids, relative to the row's own top-1.
+The reader returns [R, k] arrays: a row's ids first (ascending), then padding slots with id 0 and
+log-prob -inf, the losses' "no slot" (`vlmkd.losses.logit`). A fixed-k cache is written in layout 2,
+byte for byte as before.
+
 Sampled codec (`sampled.bin.zst`, Random-Sampling KD): N draws per scored row from the teacher's
 distribution at proposal temperature t, stored as the unique ids with their counts:
 - header (16 bytes): uint32 R, uint16 N, uint8 flags (bit 0: per-id teacher log-probs present; bit 1:
@@ -52,6 +61,7 @@ KNOWN_VERSIONS = {1}
 V1_D_MAX = 32.0  # layout 1 companded nats below the top-1 up to this many
 ZSTD_LEVEL = 9
 TOPK_LAYOUT = 2
+TOPK_LAYOUT_VARIABLE = 3  # adaptive-k rows (top_p)
 CODE_BITS = 8
 SAMPLED_LAYOUT = 1
 
@@ -180,12 +190,16 @@ def _delta(pos: np.ndarray) -> bytes:
 
 def encode_topk(pos: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int,
                 code_bits: int = CODE_BITS) -> bytes:
-    """pos [R]; ids, logprobs [R, k] in any order; tail [R] log-mass outside the top k."""
+    """pos [R]; ids, logprobs [R, k] in any order; tail [R] log-mass outside the kept ids. A slot whose
+    log-prob is -inf is no slot (an adaptive-k row narrower than k): such rows are written in layout 3."""
     if not 1 <= code_bits <= 8:
         raise ValueError(f"code_bits must be 1..8, not {code_bits}")
     if vocab_size > 2**32:
         raise ValueError(f"vocabulary of {vocab_size} ids does not fit the uint32 id planes")
     R, k = ids.shape
+    keep = np.isfinite(logprobs)
+    if R and not keep.all():
+        return _encode_topk_variable(pos, ids, logprobs, tail, keep, code_bits)
     order = np.argsort(ids, axis=-1, kind="stable")
     sids = np.take_along_axis(ids.astype(np.int64), order, -1)
     lp = np.take_along_axis(logprobs.astype(np.float64), order, -1)
@@ -194,6 +208,29 @@ def encode_topk(pos: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tail: np
     code = np.rint(u * levels).astype(np.uint8)
     head = np.array([R], "<u4").tobytes() + np.array([k], "<u2").tobytes() + bytes([code_bits, TOPK_LAYOUT])
     return _zstd(head + _delta(pos) + tail.astype("<f2").tobytes() + _planes(sids) + code.tobytes())
+
+
+def _encode_topk_variable(pos, ids, logprobs, tail, keep, code_bits) -> bytes:
+    """Layout 3: each row's finite slots only (see the module docstring)."""
+    n = keep.sum(-1)
+    if n.min() < 1:
+        raise ValueError("every top-k row keeps at least one id")
+    R = len(n)
+    # the kept slots first, by ascending id; dropped slots sort after every id
+    big = np.iinfo(np.int64).max
+    key = np.where(keep, ids.astype(np.int64), big)
+    order = np.argsort(key, axis=-1, kind="stable")
+    sids = np.take_along_axis(key, order, -1)
+    lp = np.take_along_axis(np.where(keep, logprobs.astype(np.float64), -np.inf), order, -1)
+    levels = (1 << code_bits) - 1
+    u = np.exp((lp - lp.max(-1, keepdims=True)) / 2)
+    first = np.arange(ids.shape[1])[None] < n[:, None]
+    gaps = np.diff(np.where(first, sids, 0), axis=-1, prepend=-1) - 1
+    code = np.rint(u * levels).astype(np.uint8)
+    head = (np.array([R], "<u4").tobytes() + np.array([int(n.max())], "<u2").tobytes()
+            + bytes([code_bits, TOPK_LAYOUT_VARIABLE]))
+    return _zstd(head + _delta(pos) + tail.astype("<f2").tobytes() + n.astype("<u2").tobytes()
+                 + _planes(gaps[first]) + code[first].tobytes())
 
 
 def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
@@ -205,6 +242,8 @@ def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
     if raw[7] == 1:
         return _decode_topk_v1(raw, R, k)
     bits, layout = raw[6], raw[7]
+    if layout == TOPK_LAYOUT_VARIABLE and 1 <= bits <= 8:
+        return _decode_topk_variable(raw, R, k, bits)
     if layout != TOPK_LAYOUT or not 1 <= bits <= 8:
         raise ValueError(f"unknown top-k layout {layout} / code bits {bits}")
     expect = 8 + R * 6 + R * k * 5
@@ -222,6 +261,39 @@ def decode_topk(blob: bytes) -> dict[str, np.ndarray]:
     rel = lrel[code]  # log(p / p_top1), up to the quantisation
     log_norm = np.log(prel[code].sum(-1, dtype=np.float64)) - np.log(-np.expm1(np.minimum(tail, -1e-30)))
     return {"pos": pos, "ids": ids, "logprobs": (rel - log_norm[:, None]).astype(np.float32),
+            "tail": tail.astype(np.float32)}
+
+
+def _decode_topk_variable(raw: bytes, R: int, k: int, bits: int) -> dict[str, np.ndarray]:
+    o = 8
+    pos = np.cumsum(np.frombuffer(raw, "<i4", R, o), dtype=np.int64)
+    o += 4 * R
+    tail = np.frombuffer(raw, "<f2", R, o).astype(np.float64)
+    o += 2 * R
+    if len(raw) < o + 2 * R:
+        raise ValueError(f"top-k member has {len(raw)} bytes, too few for its {R} row widths")
+    n = np.frombuffer(raw, "<u2", R, o).astype(np.int64)
+    o += 2 * R
+    M = int(n.sum())
+    expect = o + 5 * M
+    if len(raw) != expect or (R and (n.min() < 1 or n.max() != k)):
+        raise ValueError(f"top-k member has {len(raw)} bytes and rows of {n.min() if R else 0}..{n.max() if R else 0} "
+                         f"ids, its header implies {expect} bytes and rows of at most {k}")
+    row = np.repeat(np.arange(R), n)
+    col = np.arange(M) - np.repeat(np.cumsum(n) - n, n)
+    step = np.zeros((R, k), np.int64)
+    step[row, col] = _unplanes(raw, o, M) + 1
+    o += 4 * M
+    code = np.zeros((R, k), np.int64)
+    code[row, col] = np.frombuffer(raw, np.uint8, M, o)
+    valid = np.zeros((R, k), bool)
+    valid[row, col] = True
+    lrel, prel = _code_tables(bits)
+    mass = np.where(valid, prel[code], 0.0).sum(-1, dtype=np.float64)
+    log_norm = np.log(mass) - np.log(-np.expm1(np.minimum(tail, -1e-30)))
+    with np.errstate(invalid="ignore"):
+        lp = np.where(valid, lrel[code] - log_norm[:, None], -np.inf)
+    return {"pos": pos, "ids": np.where(valid, np.cumsum(step, axis=-1) - 1, 0), "logprobs": lp.astype(np.float32),
             "tail": tail.astype(np.float32)}
 
 

@@ -54,32 +54,46 @@ def _body_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
+def write_manifest(path, manifest: dict) -> None:
     """Atomically, with `manifest_sha256` over the rest (sorted-key JSON), so that a flipped byte in
-    the manifest itself is caught like one in a shard."""
+    the manifest itself is caught like one in a shard. `path`: a local file, or (Store, name)."""
     manifest["manifest_sha256"] = _body_digest(manifest)
-    atomic_write(Path(path), json.dumps(manifest, indent=1).encode())
+    data = json.dumps(manifest, indent=1).encode()
+    if isinstance(path, tuple):
+        path[0].write(path[1], data)
+    else:
+        atomic_write(Path(path), data)
 
 
-def read_manifest(path: Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"{path} does not exist: not a vlmkd cache (or its jobs were never merged: "
+def read_manifest(path) -> dict:
+    """A cache's manifest: `path` is a cache folder or URL, a manifest file, or (Store, name)."""
+    from vlmkd.cache.store import Store, is_url
+
+    if isinstance(path, tuple):
+        store, name = path
+    elif is_url(path):
+        root = str(path).rstrip("/")
+        store, name = (Store(root.rsplit("/", 1)[0]), root.rsplit("/", 1)[1]) if root.endswith(".json") \
+            else (Store(root), MANIFEST)
+    else:
+        p = Path(path)
+        store, name = (Store(p), MANIFEST) if p.is_dir() or not p.suffix else (Store(p.parent), p.name)
+    where = store.where(name)
+    if not store.exists(name):
+        raise CacheError(f"{where} does not exist: not a vlmkd cache (or its jobs were never merged: "
                          "run `vlmkd cache merge`)")
     try:
-        m = json.loads(path.read_bytes().decode("utf-8"))
+        m = json.loads(store.read(name).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{path} is not valid UTF-8 JSON ({e}); the manifest is corrupt") from e
+        raise CacheError(f"{where} is not valid UTF-8 JSON ({e}); the manifest is corrupt") from e
     if not isinstance(m, dict) or m.get("format") != "vlmkd-cache":
-        raise CacheError(f"{path} is not a vlmkd cache manifest")
+        raise CacheError(f"{where} is not a vlmkd cache manifest")
     if m.get("manifest_sha256") != _body_digest(m):
-        raise CacheError(f"{path}: the manifest's checksum does not match its content; it is corrupt "
+        raise CacheError(f"{where}: the manifest's checksum does not match its content; it is corrupt "
                          "(re-run the cache job to rewrite it, or restore it)")
     v = m.get("format_version")
     if v not in KNOWN_VERSIONS:
-        raise CacheError(f"{path}: cache format version {v} is not known to this vlmkd (reads {sorted(KNOWN_VERSIONS)}); "
+        raise CacheError(f"{where}: cache format version {v} is not known to this vlmkd (reads {sorted(KNOWN_VERSIONS)}); "
                          "upgrade vlmkd or rebuild the cache")
     return m
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,50 +17,12 @@ import numpy as np
 import torch
 
 from vlmkd.cache import format as fmt
-from vlmkd.cache.manifest import read_manifest
+from vlmkd.cache.manifest import MANIFEST, read_manifest
+from vlmkd.cache.shards import iter_members
+from vlmkd.cache.store import Store
 from vlmkd.errors import CacheError
 
-
-def _open_bytes(url: str) -> bytes:
-    if "://" in url and not url.startswith("file://"):
-        try:
-            import fsspec
-        except ImportError as e:
-            raise CacheError(f"{url}: reading remote caches needs fsspec (pip install fsspec)") from e
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    path = Path(url.removeprefix("file://"))
-    if not path.is_file():
-        raise CacheError(f"shard {path} is missing")
-    return path.read_bytes()
-
-
-def iter_members(data: bytes, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {payload: raw bytes}) per sample of one shard, in tar order. Refuses members a vlmkd
-    writer never makes (links, directories, paths, unknown names) and a truncated tar, naming them."""
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-        key, members = None, {}
-        for ti in tar:
-            if not ti.isreg():
-                raise CacheError(f"shard {shard}: member {ti.name!r} is not a regular file (link or device); refused")
-            parsed = fmt.split_member(ti.name)
-            if parsed is None:
-                raise CacheError(f"shard {shard}: member {ti.name!r} is not a cache member name; refused")
-            k, payload = parsed
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            f = tar.extractfile(ti)
-            blob = f.read() if f else b""
-            if len(blob) != ti.size:
-                raise CacheError(f"shard {shard}: member {ti.name!r} is truncated")
-            members[payload] = blob
-        if key is not None:
-            yield key, members
-    except (tarfile.TarError, EOFError) as e:
-        raise CacheError(f"shard {shard}: not a readable tar ({e}); the shard is truncated or corrupt") from e
+__all__ = ["CacheDataset", "CacheReader", "decode_sample", "iter_members"]
 
 
 def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...], shard: str,
@@ -99,8 +60,9 @@ class CacheReader:
 
     def __init__(self, cache: str | Path, payloads=("tokens", "topk"), verify: bool = True,
                  shuffle_buffer: int = 0, seed: int = 0, rank: int | None = None, world: int | None = None):
-        self.root = str(cache).rstrip("/")
-        self.manifest = self._manifest()
+        self.store = Store(cache)
+        self.root = self.store.root
+        self.manifest = read_manifest((self.store, MANIFEST))
         if self.manifest["state"] != "complete":
             raise CacheError(f"{self.root}: the cache job has not finished (state {self.manifest['state']!r}); "
                              "re-run it to resume")
@@ -114,15 +76,6 @@ class CacheReader:
         if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world = rank or 0, world or 1
-
-    def _manifest(self) -> dict:
-        if "://" in self.root and not self.root.startswith("file://"):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:  # one check for every filesystem
-                (Path(d) / "manifest.json").write_bytes(_open_bytes(f"{self.root}/manifest.json"))
-                return read_manifest(Path(d))
-        return read_manifest(Path(self.root.removeprefix("file://")))
 
     @property
     def shards(self) -> list[dict]:
@@ -142,13 +95,13 @@ class CacheReader:
         g = self.manifest.get("gram")
         if not g:
             raise CacheError(f"{self.root}: the cache has no LM-head Gram matrix (extraction gram: false)")
-        blob = _open_bytes(f"{self.root}/{g['file']}")
+        blob = self.store.read(g["file"])
         if self.verify and hashlib.sha256(blob).hexdigest() != g["sha256"]:
             raise CacheError(f"{self.root}/{g['file']}: checksum mismatch; the file is corrupt")
         return np.load(io.BytesIO(blob), allow_pickle=False)
 
     def read_shard(self, shard: dict) -> bytes:
-        data = _open_bytes(f"{self.root}/{shard['name']}")
+        data = self.store.read(shard["name"])
         if self.verify:
             if len(data) != shard["bytes"]:
                 raise CacheError(f"shard {shard['name']}: {len(data)} bytes, the manifest says {shard['bytes']}; "

@@ -1,10 +1,11 @@
-"""Writing a cache: `CacheWriter` owns a cache folder's manifest and files while a job fills it.
+"""Writing a cache: `CacheWriter` owns a cache's manifest and files while a job fills it, in a local
+folder or at any fsspec URL (`vlmkd.cache.store`).
 
-Every file lands atomically (`atomic_write`: a temporary name, fsync, rename, fsync of the folder);
-a shard's record goes to the manifest only after the shard's rename, and the manifest is rewritten
-after each shard, so a reader never sees a shard that is not complete and checksummed, and a killed
-job resumes after its last complete shard. Shards close at deterministic points (a sample count or a
-byte budget), so the same inputs give the same bytes.
+Every file lands atomically (`Store.write`: a temporary name, then one rename); a shard's record goes
+to the manifest only after the shard's rename, and the manifest is rewritten after each shard, so a
+reader never sees a shard that is not complete and checksummed, and a killed job resumes after its
+last complete shard. Shards close at deterministic points (a sample count or a byte budget), so the
+same inputs give the same bytes, in either shard layout (`vlmkd.cache.shards`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from vlmkd.cache import format as fmt
-from vlmkd.cache.atomic import TMP_SUFFIX, atomic_write
+from vlmkd.cache import shards
 from vlmkd.cache.manifest import (
     MANIFEST,
     fingerprint,
@@ -29,6 +29,7 @@ from vlmkd.cache.manifest import (
     read_manifest,
     write_manifest,
 )
+from vlmkd.cache.store import Store, remove_temporaries
 from vlmkd.errors import CacheError, DataError
 
 # the teacher's files a student is built from, copied into CACHE/teacher/ (a cache is self-contained:
@@ -41,51 +42,26 @@ VISION_FILE = "vision.safetensors"
 VAL_DIR = "val"
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    """Deterministic headers (no time, owner or host details), so equal inputs give equal bytes."""
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = 0
-    ti.mode = 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> tuple[int, str, dict[str, int]]:
-    """Write (key, {payload: bytes}) samples as one tar; returns (bytes, sha256, bytes per payload)."""
-    buf = io.BytesIO()
+def write_shard(store: Store, name: str, samples: list[tuple[str, dict[str, bytes]]],
+                layout: str = "tar") -> tuple[int, str, dict[str, int]]:
+    """Write (key, {payload: bytes}) samples as one shard; returns (bytes, sha256, bytes per payload)."""
     payload_bytes: dict[str, int] = {}
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for payload, blob in members.items():
-                name = fmt.member_name(key, payload)
-                tar.addfile(_tarinfo(name, len(blob)), io.BytesIO(blob))
-                payload_bytes[payload] = payload_bytes.get(payload, 0) + len(blob)
-    data = buf.getvalue()
-    atomic_write(path, data)
+    for _, members in samples:
+        for payload, blob in members.items():
+            payload_bytes[payload] = payload_bytes.get(payload, 0) + len(blob)
+    data = shards.pack(layout, samples)
+    store.write(name, data)
     return len(data), hashlib.sha256(data).hexdigest(), payload_bytes
 
 
-def remove_temporaries(folder: Path) -> int:
-    """Half-written shards or manifests of a killed job; they are never read, only removed."""
-    n = 0
-    for p in Path(folder).glob(f"*{TMP_SUFFIX}"):
-        p.unlink()
-        n += 1
-    return n
-
-
-def copy_teacher_files(teacher: Path, out: Path) -> list[str]:
-    """The teacher's tokenizer, processor, chat template and config into OUT/teacher/ (each atomically),
+def copy_teacher_files(teacher: Path, store: Store) -> list[str]:
+    """The teacher's tokenizer, processor, chat template and config into CACHE/teacher/ (each atomically),
     so that a student is built from the cache alone; returns the names copied."""
-    dest = Path(out) / TEACHER_DIR
-    dest.mkdir(parents=True, exist_ok=True)
     names = []
     for name in TEACHER_FILES:
         src = Path(teacher) / name
         if src.is_file():
-            atomic_write(dest / name, src.read_bytes())
+            store.write(f"{TEACHER_DIR}/{name}", src.read_bytes())
             names.append(name)
     return names
 
@@ -117,12 +93,11 @@ def vision_weights(teacher: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def copy_validation(src: Path, dest: Path) -> tuple[int, int]:
-    """Rows of a LLaVA manifest into DEST/val.json with their images copied to DEST/images/; returns
-    (rows read, rows copied): rows that do not parse are left for the reader's reject path at use."""
+def copy_validation(src: Path, store: Store) -> tuple[int, int]:
+    """Rows of a LLaVA manifest into CACHE/val/val.json with their images copied to CACHE/val/images/;
+    returns (rows read, rows copied): rows that do not parse are left for the reader's reject path at use."""
     from vlmkd.data.manifest import _rows
 
-    (dest / "images").mkdir(parents=True, exist_ok=True)
     kept, n = [], 0
     for i, (_, row) in enumerate(_rows(src)):
         n += 1
@@ -131,10 +106,10 @@ def copy_validation(src: Path, dest: Path) -> tuple[int, int]:
         img = row.get("image")
         if isinstance(img, str) and (src.parent / img).is_file():
             name = f"images/{i:07d}{Path(img).suffix}"
-            atomic_write(dest / name, (src.parent / img).read_bytes())
+            store.write(f"{VAL_DIR}/{name}", (src.parent / img).read_bytes())
             row = {**row, "image": name}
         kept.append(row)
-    atomic_write(dest / "val.json", json.dumps(kept, indent=0).encode())
+    store.write(f"{VAL_DIR}/val.json", json.dumps(kept, indent=0).encode())
     return n, len(kept)
 
 
@@ -142,20 +117,23 @@ class CacheWriter:
     """One job's cache part: open (new or resumed), add samples and rejects in row order, close shards,
     put cache-level arrays, finish. `manifest` is the state on disk after each shard."""
 
-    def __init__(self, out: Path, fp: dict, data_path: str, n_rows: int, split: dict, overwrite: bool = False,
+    def __init__(self, out: str | Path, fp: dict, data_path: str, n_rows: int, split: dict, overwrite: bool = False,
                  samples_per_shard: int = 2048, max_shard_bytes: int = 512 * 2**20):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(self.out)
-        self.path = self.out / part_name(split["num_shards"], split["shard_index"])
+        self.store = Store(out)
+        self.store.makedirs()
+        remove_temporaries(self.store)
+        self.name = part_name(split["num_shards"], split["shard_index"])
+        self.path = (self.store, self.name)  # read_manifest / write_manifest take it
         self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
         self.prefix = "shard-" if split["num_shards"] == 1 else f"part{split['shard_index']:03d}-"
+        self.layout = fp["extraction"].get("shard_layout", "tar")
+        shards.suffix(self.layout)
         manifest = None
-        if self.path.is_file() and not overwrite:
+        if self.store.exists(self.name) and not overwrite:
             manifest = read_manifest(self.path)
             diff = fingerprint_diff(fingerprint(manifest), fp)
             if diff:
-                raise CacheError(f"{self.out} holds a cache made with other {', '.join(diff)}; use a new --out or "
+                raise CacheError(f"{self.store} holds a cache made with other {', '.join(diff)}; use a new --out or "
                                  "--overwrite")
         self.manifest = manifest if manifest is not None else new_manifest(fp, data_path, n_rows, split)
         self.resumed = manifest is not None
@@ -188,8 +166,8 @@ class CacheWriter:
 
     def close_shard(self, upto: int) -> None:
         """Write the pending samples as the next shard covering rows [.., upto) and record it."""
-        name = f"{self.prefix}{len(self.manifest['shards']):06d}.tar"
-        nbytes, digest, per_payload = write_shard(self.out / name, self._pending)
+        name = f"{self.prefix}{len(self.manifest['shards']):06d}{shards.suffix(self.layout)}"
+        nbytes, digest, per_payload = write_shard(self.store, name, self._pending, self.layout)
         metas = [json.loads(m["meta"]) for _, m in self._pending]
         self.manifest["shards"].append({
             "name": name, "start": self._start, "end": upto, "samples": len(self._pending),
@@ -208,7 +186,7 @@ class CacheWriter:
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
         data = buf.getvalue()
-        atomic_write(self.out / f"{key}.npy", data)
+        self.store.write(f"{key}.npy", data)
         self.manifest[key] = {"file": f"{key}.npy", "sha256": hashlib.sha256(data).hexdigest(),
                               "shape": list(array.shape)}
 
@@ -216,19 +194,19 @@ class CacheWriter:
         """What a student is built from, so a copied cache needs no teacher folder: the teacher's
         tokenizer, processor, chat template and config, and its vision tower's weights (a student
         that starts from the teacher's encoder: `vision_from: teacher`)."""
-        files = copy_teacher_files(teacher, self.out)
+        files = copy_teacher_files(teacher, self.store)
         vision = vision_weights(teacher)
         if vision:
             from safetensors.numpy import save
 
-            atomic_write(self.out / TEACHER_DIR / VISION_FILE, save(vision))
+            self.store.write(f"{TEACHER_DIR}/{VISION_FILE}", save(vision))
             files.append(VISION_FILE)
         self.manifest["teacher_files"] = {"dir": TEACHER_DIR, "files": files}
 
     def put_validation(self, manifest_path: Path) -> None:
         """A validation manifest held in the cache (OUT/val/val.json, its images beside it), so that
         train-student evaluates from the cache alone. Rows are copied as they are, images renamed by row."""
-        rows, copied = copy_validation(Path(manifest_path), self.out / VAL_DIR)
+        rows, copied = copy_validation(Path(manifest_path), self.store)
         self.manifest["validation"] = {"manifest": f"{VAL_DIR}/val.json", "rows": rows, "copied": copied,
                                        "source": str(Path(manifest_path).resolve())}
 
@@ -237,25 +215,25 @@ class CacheWriter:
             self.close_shard(end)
         self.manifest["state"] = "complete"
         write_manifest(self.path, self.manifest)
-        write_rejects(self.out, self.manifest)
+        write_rejects(self.store, self.manifest)
         return self.manifest
 
 
-def write_rejects(out: Path, manifest: dict) -> None:
+def write_rejects(store: Store, manifest: dict) -> None:
     """rejects.jsonl regenerated from the manifest: each reject exactly once, even across resumes."""
     lines = [json.dumps(r) for s in manifest["shards"] for r in s["rejects"]]
     name = "rejects.jsonl" if manifest["data"]["split"]["num_shards"] == 1 else \
         f"rejects.part-{manifest['data']['split']['shard_index']:03d}.jsonl"
-    atomic_write(Path(out) / name, "".join(line + "\n" for line in lines).encode())
+    store.write(name, "".join(line + "\n" for line in lines).encode())
 
 
-def merge_parts(out: Path) -> dict:
+def merge_parts(out: str | Path) -> dict:
     """Join split jobs' part manifests into manifest.json: same fingerprint, contiguous disjoint rows."""
-    out = Path(out)
-    parts = sorted(out.glob("manifest.part-*-of-*.json"))
+    store = Store(out)
+    parts = store.names("manifest.part-*-of-*.json")
     if not parts:
         raise CacheError(f"{out}: no part manifests (manifest.part-*-of-*.json) to merge")
-    ms = [read_manifest(p) for p in parts]
+    ms = [read_manifest((store, p)) for p in parts]
     n = ms[0]["data"]["split"]["num_shards"]
     if len(ms) != n or sorted(m["data"]["split"]["shard_index"] for m in ms) != list(range(n)):
         have = sorted(m["data"]["split"]["shard_index"] for m in ms)
@@ -285,9 +263,42 @@ def merge_parts(out: Path) -> dict:
     merged["counts"] = {"rows": merged["data"]["split"]["end"], **t}
     if t["samples"] == 0:
         raise DataError(f"{out}: the {n} parts hold no usable sample ({t['rejects']} rows rejected)")
-    write_manifest(out / MANIFEST, merged)
-    write_rejects(out, merged)
+    write_manifest((store, MANIFEST), merged)
+    write_rejects(store, merged)
     return merged
 
 
-__all__ = ["CacheWriter", "atomic_write", "merge_parts", "remove_temporaries", "write_rejects", "write_shard"]
+def convert_layout(src: str | Path, dest: str | Path, layout: str) -> dict:
+    """A complete cache rewritten in another shard layout (tar <-> parquet) at DEST, with no teacher:
+    every sample's member bytes as they were, shard by shard (same names but the suffix, same rows,
+    fresh sizes and checksums), the other files copied; the manifest records the new layout (and so
+    has another fingerprint: the shards' bytes differ)."""
+    src_store, out = Store(src), Store(dest)
+    shards.suffix(layout)
+    m = read_manifest((src_store, MANIFEST))
+    if m["state"] != "complete":
+        raise CacheError(f"{src}: the cache job has not finished (state {m['state']!r}); finish it before converting")
+    if out.exists(MANIFEST):
+        raise CacheError(f"{dest} already holds a cache; convert into a new folder")
+    out.makedirs()
+    names = {s["name"] for s in m["shards"]}
+    for name in src_store.files():
+        if name not in names and name != MANIFEST:
+            out.write(name, src_store.read(name))
+    new = json.loads(json.dumps(m))
+    new["extraction"]["shard_layout"] = layout
+    if layout == "tar":
+        del new["extraction"]["shard_layout"]  # as a cache written in tar records it (the default)
+    from vlmkd.cache.reader import CacheReader
+
+    reader = CacheReader(src, payloads=())
+    for rec in new["shards"]:
+        data = reader.read_shard(rec)
+        samples = list(shards.iter_members(data, rec["name"]))
+        rec["name"] = rec["name"].rsplit(".", 1)[0] + shards.suffix(layout)
+        rec["bytes"], rec["sha256"], _ = write_shard(out, rec["name"], samples, layout)
+    write_manifest((out, MANIFEST), new)
+    return new
+
+
+__all__ = ["CacheWriter", "convert_layout", "merge_parts", "remove_temporaries", "write_rejects", "write_shard"]

@@ -20,6 +20,8 @@ from vlmkd.data.manifest import Turn
 from vlmkd.models.build import data_tokenizer, load_model
 from vlmkd.models.probe import probe, visual_rows
 
+SHARD_LAYOUTS = ("tar", "parquet")
+
 
 @dataclass
 class Extraction:
@@ -28,6 +30,10 @@ class Extraction:
     visual hidden states and the LM head's Gram matrix."""
 
     topk: int = 64
+    # adaptive k (`logits: topk`): per scored row keep the fewest of the top `topk` ids whose mass
+    # reaches `top_p` (at least `topk_min`); the tail bucket holds the rest, exactly. None: fixed k
+    top_p: float | None = None
+    topk_min: int = 1
     # "topk": the k most likely ids + the exact tail; "sampled": Random-Sampling KD (Anshumann et al.,
     # 2025): `draws` ids drawn per row from the teacher at `proposal_temperature`, stored as unique ids
     # with counts (and, when t != 1, the teacher's log-probs of them, for exact importance weights)
@@ -45,9 +51,30 @@ class Extraction:
     text_pool: bool = False  # the mean final hidden state over the prompt's text tokens (contrastive term)
     gram: bool = True
     batch_size: int = 32
+    shard_layout: str = "tar"  # "tar" (WebDataset) or "parquet" (one row per sample): docs/FORMAT.md
+
+    def __post_init__(self):
+        from vlmkd.errors import RecipeError
+
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise RecipeError(f"top_p {self.top_p}: a probability mass in (0, 1]")
+        if not 1 <= self.topk_min <= self.topk:
+            raise RecipeError(f"topk_min {self.topk_min}: between 1 and topk ({self.topk})")
+        if self.shard_layout not in SHARD_LAYOUTS:
+            raise RecipeError(f"shard_layout {self.shard_layout!r}: choose one of {SHARD_LAYOUTS}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As the manifest records it: settings added after caches were first written are left out at
+        their defaults, so those caches keep their fingerprint (a re-run still finds them complete)."""
+        d = asdict(self)
+        for key, default in LATER_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return d
+
+
+# settings newer than the first caches, with the value every older cache was made with
+LATER_DEFAULTS = {"top_p": None, "topk_min": 1, "shard_layout": "tar"}
 
 
 def projection(dim: int, r: int, seed: int) -> torch.Tensor:
@@ -86,6 +113,28 @@ def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     vals, ids = lp.topk(k, dim=-1)
     rest = lp.scatter(-1, ids, float("-inf"))
     return ids, vals, torch.logsumexp(rest, dim=-1)
+
+
+def keep_top_p(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, top_p: float | None,
+               k_min: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adaptive k: in each row of top-k (ids, log-probs [R, k], log tail [R]) keep the fewest ids whose
+    mass reaches `top_p` (at least `k_min`, at most k); the others become no-slots (log-prob -inf) and
+    their mass joins the tail, in float64, so the tail stays exact. None: the rows as they are."""
+    if top_p is None:
+        return ids, logprobs, tail
+    lp = np.asarray(logprobs, np.float64)
+    order = np.argsort(-lp, axis=-1, kind="stable")
+    p = np.exp(np.take_along_axis(lp, order, -1))
+    reach = np.cumsum(p, -1) >= top_p * (1 - 1e-12)  # (a row's own rounding must not cost it an id)
+    n = np.where(reach.any(-1), reach.argmax(-1) + 1, lp.shape[-1])
+    n = np.clip(n, min(k_min, lp.shape[-1]), lp.shape[-1])
+    drop_sorted = np.arange(lp.shape[-1])[None] >= n[:, None]
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, -1)
+    with np.errstate(divide="ignore"):
+        extra = np.log(np.where(drop, np.exp(lp), 0.0).sum(-1))
+    new_tail = np.logaddexp(np.asarray(tail, np.float64), extra)
+    return ids, np.where(drop, -np.inf, lp), new_tail
 
 
 class HFTeacher:
@@ -146,9 +195,8 @@ class HFTeacher:
                     members["sampled"] = fmt.encode_sampled(pos, ids, counts, s.draws, s.proposal_temperature,
                                                             lps if tempered else None, logz if tempered else None)
                 else:
-                    ids, lps, tail = topk_rows(rows, s.topk)
-                    members["topk"] = fmt.encode_topk(pos, ids.numpy(), lps.numpy(), tail.numpy(), self.vocab_size,
-                                                      s.code_bits)
+                    ids, lps, tail = keep_top_p(*(t.numpy() for t in topk_rows(rows, s.topk)), s.top_p, s.topk_min)
+                    members["topk"] = fmt.encode_topk(pos, ids, lps, tail, self.vocab_size, s.code_bits)
             vis = np.flatnonzero(enc.image_mask)
             if s.attn_layers and len(vis):
                 qpos = np.arange(vis[-1] + 1, T)

@@ -38,7 +38,7 @@ from vlmkd.teacher.hf_backend import Extraction
 class CacheJob:
     teacher: Path
     data: Path
-    out: Path
+    out: str | Path  # a folder, or any fsspec URL (vlmkd.cache.store)
     settings: Extraction
     backend: str = "hf"
     num_parts: int = 1
@@ -108,7 +108,7 @@ def make_backend(job: CacheJob, backend: str):
 
 def run_cache_job(job: CacheJob, teacher=None) -> dict:
     """Run (or resume) one cache job; `teacher` reuses an already started backend."""
-    out = Path(job.out)
+    out = job.out if "://" in str(job.out) else Path(job.out)
     rows = list(read_rows(job.data))
     samples = [r for r in rows if isinstance(r, Sample)]
     bad = [r for r in rows if isinstance(r, Reject)]
@@ -127,7 +127,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     writer = CacheWriter(out, job_fingerprint(job, backend), str(Path(job.data).resolve()), len(rows), split,
                          job.overwrite, job.samples_per_shard, job.max_shard_bytes)
     if writer.complete:
-        console.print(f"{writer.path} is complete: nothing to do")
+        console.print(f"{writer.store.where(writer.name)} is complete: nothing to do")
         return writer.manifest
     manifest = writer.manifest
     t_start = time.time()
@@ -184,12 +184,12 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
         write_manifest(writer.path, manifest)
         reasons = [r["reason"] for sh in manifest["shards"] for r in sh["rejects"]]
         raise DataError(f"{job.data}: no usable sample ({end - start} rows = 0 samples + {t['rejects']} rejected; "
-                        f"see {out / 'rejects.jsonl'}){_first_reasons(reasons)}")
+                        f"see {writer.store.where('rejects.jsonl')}){_first_reasons(reasons)}")
     write_manifest(writer.path, manifest)
     console.print(f"cache part {job.part_index + 1}/{job.num_parts}: {t['samples']} samples, {t['scored_tokens']} scored "
                   f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {out}; {end - start} rows = {t['samples']} "
                   f"samples + {t['rejects']} rejected"
-                  + (f" (see {out / 'rejects.jsonl'})" if t["rejects"] else ""))
+                  + (f" (see {writer.store.where('rejects.jsonl')})" if t["rejects"] else ""))
     return manifest
 
 

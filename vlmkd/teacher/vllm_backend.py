@@ -27,7 +27,7 @@ from vlmkd.data.images import load_image
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import CacheError
 from vlmkd.models.build import layout_of
-from vlmkd.teacher.hf_backend import Extraction, HFTeacher, sample_head, scored_positions
+from vlmkd.teacher.hf_backend import Extraction, HFTeacher, keep_top_p, sample_head, scored_positions
 
 SUPPORTED = {"Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration"}
 
@@ -144,7 +144,8 @@ class VLLMTeacher:
         for it, (pos, ids, lps, tail), extra in zip(items, scored, aux, strict=True):
             enc = it.enc
             members = {"tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
-                       "topk": fmt.encode_topk(pos, ids, lps, tail, self.vocab_size, s.code_bits)}
+                       "topk": fmt.encode_topk(pos, *keep_top_p(ids, lps, tail, s.top_p, s.topk_min),
+                                               self.vocab_size, s.code_bits)}
             result.append({**sample_head(it, pos), **members, **extra})
         return result
 

@@ -99,7 +99,7 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
         if stage.cache is not None:
             if not isinstance(stage.cache, str) or not stage.cache:
                 raise RecipeError(f"{source} stage {stage.name}: cache is a path (a teacher cache folder)")
-            if not Path(stage.cache).is_absolute() and Path(source).is_file():
+            if "://" not in stage.cache and not Path(stage.cache).is_absolute() and Path(source).is_file():
                 stage.cache = str((Path(source).parent / stage.cache).resolve())
         stages.append(stage)
     rest = {k: v for k, v in raw.items() if k != "stages"}

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.manifest import tokenizer_fingerprint
 from vlmkd.cache.reader import CacheReader
+from vlmkd.cache.store import Store
 from vlmkd.data.items import load_items
 from vlmkd.data.layout import Layout
 from vlmkd.data.rejects import RejectLog
@@ -31,7 +32,7 @@ def teacher_files(cache: Path, manifest: dict) -> Path:
     copy (CACHE/teacher/); for a cache written before caches carried it, the teacher folder it names."""
     held = manifest.get("teacher_files")
     if held:
-        return Path(cache) / held["dir"]
+        return Store(cache).local_dir(held["dir"])
     teacher = Path(manifest.get("teacher_path") or "")
     if not (teacher / "config.json").is_file():
         raise RecipeError(f"{cache} does not hold the teacher's tokenizer (a cache from before caches carried it) and "
@@ -45,12 +46,17 @@ def validation_manifest(cache: Path, manifest: dict) -> Path:
     without one, val.json beside the data manifest it was built from, if that is still there."""
     held = manifest.get("validation")
     if held:
-        return Path(cache) / held["manifest"]
+        return Store(cache).local_dir(str(Path(held["manifest"]).parent)) / Path(held["manifest"]).name
     beside = Path(manifest["data"]["manifest"]).with_name("val.json")
     if beside.is_absolute() and beside.is_file():
         return beside
     raise RecipeError(f"{cache} holds no validation data and none was named: pass --val MANIFEST (or rebuild the cache "
                       "with cache-teacher --val MANIFEST)")
+
+
+def _root(cache: str | Path) -> str | Path:
+    """A cache folder as a Path, a cache URL as it is (Path would fold its '//')."""
+    return str(cache) if "://" in str(cache) else Path(cache)
 
 
 def _student(recipe, cache: Path, manifest: dict):
@@ -96,7 +102,7 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
                     teacher_mix: str = "average", allow_partial: bool = False, data_workers: int | str = "auto",
                     rejects: RejectLog | None = None) -> StudentRun:
     """The student, its objective and its batch source from a recipe and a cache (or several)."""
-    caches = [Path(c) for c in cache] if isinstance(cache, list | tuple) else [Path(cache)]
+    caches = [_root(c) for c in cache] if isinstance(cache, list | tuple) else [_root(cache)]
     cache, others = caches[0], caches[1:]
     recipe = load_recipe(recipe_path)
     if seed is not None:
@@ -106,7 +112,7 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
     head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
-    own = {st.name: Path(st.cache) for st in recipe.stages if st.cache}
+    own = {st.name: _root(st.cache) for st in recipe.stages if st.cache}
     heads = {}
     for name, path in own.items():  # a stage's own cache: same checks as the run's
         heads[name] = CacheReader(path, payloads=(), verify=verify)

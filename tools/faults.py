@@ -2,7 +2,8 @@
 
 On a small shapes set and a tiny Idefics3 teacher built here (or --teacher/--data of your own):
 1. the cache job SIGKILLed at N random moments, each followed by a re-run: runs that end with every
-   sample exactly once and shards byte-identical to an uninterrupted run's;
+   sample exactly once and shards byte-identical to an uninterrupted run's (every other job writes
+   through fsspec, `--out file://...`, the write path of every cache URL);
 2. the trainer SIGKILLed at N random moments, each resumed: resumes that finish with weights equal to
    an uninterrupted run's (CPU, same seed);
 3. random byte flips and truncations of shards and the manifest: corruptions that `cache verify` or
@@ -99,15 +100,18 @@ def cache_kills(teacher, data, work: Path, n: int, rng: random.Random) -> dict:
     ok, details = 0, []
     for i in range(n):
         out = work / f"cache_kill{i}"
+        # every other job writes through fsspec (--out file://...): the write path of every cache URL
+        target = f"file://{out.resolve()}" if i % 2 else out
         delay = rng.uniform(1.0, full)  # start-up included: kills land in loading, mid-shard, between shards
-        kill_at_random(cache_cmd(teacher, data, out), delay)
+        kill_at_random(cache_cmd(teacher, data, target), delay)
         state = json.loads((out / "manifest.json").read_text())["state"] if (out / "manifest.json").exists() else "none"
-        subprocess.run(cache_cmd(teacher, data, out), check=True, capture_output=True)
-        ids = [s["id"] for s in CacheReader(out, payloads=()).samples()]
+        subprocess.run(cache_cmd(teacher, data, target), check=True, capture_output=True)
+        ids = [s["id"] for s in CacheReader(target, payloads=()).samples()]
         once = len(ids) == len(set(ids)) == n_rows
         same = shard_bytes(out) == want
         ok += once and same
-        details.append({"delay_s": round(delay, 2), "state_at_kill": state, "exactly_once": once, "identical": same})
+        details.append({"delay_s": round(delay, 2), "out": "fsspec file://" if i % 2 else "folder",
+                        "state_at_kill": state, "exactly_once": once, "identical": same})
         shutil.rmtree(out)
     return {"runs": n, "exact": ok, "uninterrupted_s": round(full, 1), "details": details}
 

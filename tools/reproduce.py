@@ -11,7 +11,7 @@ curves) and DIR/RESULTS.md (the table and the cost of each recipe).
 
 --cache-variants: extra rows of the `mdist` recipe (L_res + L_vis) trained from other caches of the
 same teacher over the training questions (DEMO/data/train_questions.json): `sampled:N` (Random-
-Sampling KD, N draws at t = 1) or `topk:K`; logits only (no attention or hidden states), built once
+Sampling KD, N draws at t = 1), `topk:K` or `topp:P` (adaptive k up to 64); logits only (no attention or hidden states), built once
 under DIR/caches/ through the transformers backend; each row reports its bytes per scored token.
 
 --second-teacher DIR: another teacher with the same tokenizer: its own score, and mdist rows from its
@@ -183,20 +183,23 @@ def run(args) -> dict:
 
 
 def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Path:
-    """A logits-only cache of the training questions: `sampled:N`, `topk:K`, or `pairs:K` (top-K with
-    preference pairs: a plausible wrong answer per question, scored by the teacher too)."""
+    """A logits-only cache of the training questions: `sampled:N`, `topk:K`, `topp:P` (adaptive k: per
+    position the fewest of the top 64 ids whose mass reaches P), or `pairs:K` (top-K with preference
+    pairs: a plausible wrong answer per question, scored by the teacher too)."""
     from vlmkd.data.shapes import add_preference_pairs
     from vlmkd.teacher.job import CacheJob, run_cache_job
     from vlmkd.teacher.settings import extraction_from
 
     mode, _, n = spec.partition(":")
-    if mode not in ("sampled", "topk", "pairs") or not n.isdigit():
-        raise SystemExit(f"--cache-variants {spec!r}: use sampled:N, topk:K or pairs:K")
+    ok = n.isdigit() if mode != "topp" else n.replace(".", "", 1).isdigit() and 0 < float(n) <= 1
+    if mode not in ("sampled", "topk", "topp", "pairs") or not ok:
+        raise SystemExit(f"--cache-variants {spec!r}: use sampled:N, topk:K, topp:P or pairs:K")
     questions = data / ("train_questions_pairs.json" if mode == "pairs" else "train_questions.json")
     if not questions.is_file():
         rows = [r for r in json.loads((data / "train.json").read_text()) if r.get("question_type")]
         questions.write_text(json.dumps(add_preference_pairs(rows, 0) if mode == "pairs" else rows))
-    over = {"logits": mode, "draws": int(n)} if mode == "sampled" else {"logits": "topk", "topk": int(n)}
+    over = ({"logits": mode, "draws": int(n)} if mode == "sampled" else
+            {"logits": "topk", "topk": 64, "top_p": float(n)} if mode == "topp" else {"logits": "topk", "topk": int(n)})
     settings = extraction_from(ROOT / "pipelines" / "cache.yaml", **over)
     settings.attn_layers, settings.hidden_points, settings.gram = [], [], False
     out = root / spec.replace(":", "")

@@ -240,7 +240,7 @@ def cache_inspect(cache: str = typer.Argument(..., help="cache folder or URL"), 
     table.add_column("bytes / scored token", justify="right")
     for k, v in info["payload_bytes"].items():
         table.add_row(k, f"{v:,}", f"{info['bytes_per_token'][k]:.1f}")
-    table.add_row("shards (tar)", f"{info['bytes']:,}", f"{info['bytes_per_token']['shard_total']:.1f}")
+    table.add_row(f"shards ({info['extraction'].get('shard_layout', 'tar')})", f"{info['bytes']:,}", f"{info['bytes_per_token']['shard_total']:.1f}")
     console.print(table)
     console.print(f"{info['samples']} samples, {info['scored_tokens']} scored tokens, {info['shards']} shards, "
                   f"{info['rejects']} rejects, state {info['state']}, built in {info['build_seconds']:.0f} s")

@@ -113,7 +113,12 @@ def test_report_numbers_are_the_caches(caches, tmp_path):
     assert "31" in page and "does not exist" in page and page.count("data:image/png;base64,") == 2
     assert reason_kind("/d/m.jsonl:7 (sample s1): turn 2 has unknown role 'robot'") == \
         reason_kind("/d/m.jsonl:9 (sample s9): turn 0 has unknown role 'x'")
-    assert "no entropy histograms" in cache_report(caches["sampled"])["note"]
+    ids = rep["ids_per_row"]  # a fixed-k cache: every row holds its 16 ids
+    assert ids["response"]["mean"] == ids["visual"]["mean"] == 16 and ids["response"]["at_k"] == 1.0
+    assert ids["response"]["rows"] + ids["visual"]["rows"] == scored and "ids per visual row" in page
+    sampled = cache_report(caches["sampled"])
+    assert "no entropy histograms" in sampled["note"]
+    assert 1 <= sampled["ids_per_row"]["response"]["mean"] <= 20 and sampled["ids_per_row"]["response"]["at_k"] is None
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

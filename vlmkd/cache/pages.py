@@ -211,6 +211,9 @@ def report_html(report: dict, pngs: dict[str, bytes]) -> str:
             ("bytes", f"{s['bytes']:,} ({s['bytes'] / 2**20:.1f} MiB)"),
             ("build time", f"{s['build_seconds']:.0f} s"), ("teacher", s["teacher"].get("model_type")),
             ("sample kinds (read)", kinds or "—")]
+    for part, w in (report.get("ids_per_row") or {}).items():
+        full = f", {w['at_k']:.0%} of rows at k" if w.get("at_k") is not None else ""
+        rows.append((f"ids per {part} row (read)", f"{w['mean']:.1f} mean over {w['rows']:,} rows{full}"))
     summary = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     payload = "".join(f"<tr><td>{_e(k)}</td><td class='num'>{v:,}</td><td class='num'>"
                       f"{s['bytes_per_token'].get(k, 0):.1f}</td></tr>" for k, v in sorted(s["payload_bytes"].items()))

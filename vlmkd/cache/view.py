@@ -143,8 +143,10 @@ def cache_report(cache: str | Path, max_samples: int | None = None) -> dict:
     """What the cache holds and costs: counts, rejects by reason (with examples), bytes per payload and
     per scored token, the teacher's entropy / tail / top-1 histograms over its scored rows (response and
     visual apart), and each shard's build time."""
-    reader = CacheReader(cache, payloads=("tokens", "topk"))  # (a sampled cache returns before reading samples)
-    man = reader.manifest
+    head = CacheReader(cache, payloads=())
+    man = head.manifest
+    sampled = man["extraction"].get("logits") == "sampled"
+    reader = CacheReader(cache, payloads=("tokens", "sampled" if sampled else "topk"))
     info = summarize(man)
     groups: dict[str, list[dict]] = defaultdict(list)
     for sh in man["shards"]:
@@ -155,11 +157,8 @@ def cache_report(cache: str | Path, max_samples: int | None = None) -> dict:
     out = {"cache": str(cache), "summary": info, "rejects": rejects,
            "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"],
                        "seconds": s.get("seconds", 0.0)} for s in man["shards"]]}
-    if man["extraction"].get("logits") == "sampled":
-        out["histograms"] = {}
-        out["note"] = "a sampled cache keeps draws, not probabilities: no entropy histograms"
-        return out
-    stats: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "tail", "top1", "v_entropy", "v_tail", "v_top1")}
+    stats: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "tail", "top1", "v_entropy", "v_tail", "v_top1",
+                                                          "ids", "v_ids")}
     kinds = Counter()
     n = 0
     for s in reader.samples():
@@ -167,17 +166,31 @@ def cache_report(cache: str | Path, max_samples: int | None = None) -> dict:
             break
         n += 1
         kinds["text-only" if not s["visual"].any() else "image"] += 1
-        h, top1 = row_stats(s["logprobs"], s["tail"])
         vis = s["visual"][s["pos"]].astype(bool)
+        # ids kept per row: an adaptive-k row's finite slots, a sampled row's distinct draws
+        width = (s["weights"] > 0).sum(-1) if sampled else np.isfinite(s["logprobs"]).sum(-1)
+        for pre, m in (("", ~vis), ("v_", vis)):
+            stats[pre + "ids"].append(width[m])
+        if sampled:
+            continue
+        h, top1 = row_stats(s["logprobs"], s["tail"])
         tail = np.exp(s["tail"].astype(np.float64))
         for pre, m in (("", ~vis), ("v_", vis)):
             stats[pre + "entropy"].append(h[m])
             stats[pre + "tail"].append(tail[m])
             stats[pre + "top1"].append(top1[m])
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in stats.items()}
-    hmax = float(max(1e-6, cat["entropy"].max(initial=0), cat["v_entropy"].max(initial=0)))
+    k = int(man["extraction"].get("topk") or 0)
+    out["ids_per_row"] = {
+        name: {"rows": int(len(w)), "mean": float(w.mean()), "at_k": None if sampled else float((w >= k).mean())}
+        for name, w in (("response", cat["ids"]), ("visual", cat["v_ids"])) if len(w)}
     out["samples_read"] = n
     out["sample_kinds"] = dict(kinds)
+    if sampled:
+        out["histograms"] = {}
+        out["note"] = "a sampled cache keeps draws, not probabilities: no entropy histograms"
+        return out
+    hmax = float(max(1e-6, cat["entropy"].max(initial=0), cat["v_entropy"].max(initial=0)))
     out["histograms"] = {
         "response": {"entropy": _histogram(cat["entropy"], 0, hmax), "tail": _histogram(cat["tail"], 0, 1),
                      "top1": _histogram(cat["top1"], 0, 1)},

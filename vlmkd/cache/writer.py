@@ -127,7 +127,7 @@ class CacheWriter:
         self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
         self.prefix = "shard-" if split["num_shards"] == 1 else f"part{split['shard_index']:03d}-"
         self.layout = fp["extraction"].get("shard_layout", "tar")
-        shards.suffix(self.layout)
+        self.suffix = shards.suffix(self.layout)  # (refuses an unknown layout before any work)
         manifest = None
         if self.store.exists(self.name) and not overwrite:
             manifest = read_manifest(self.path)
@@ -166,7 +166,7 @@ class CacheWriter:
 
     def close_shard(self, upto: int) -> None:
         """Write the pending samples as the next shard covering rows [.., upto) and record it."""
-        name = f"{self.prefix}{len(self.manifest['shards']):06d}{shards.suffix(self.layout)}"
+        name = f"{self.prefix}{len(self.manifest['shards']):06d}{self.suffix}"
         nbytes, digest, per_payload = write_shard(self.store, name, self._pending, self.layout)
         metas = [json.loads(m["meta"]) for _, m in self._pending]
         self.manifest["shards"].append({
@@ -273,29 +273,26 @@ def convert_layout(src: str | Path, dest: str | Path, layout: str) -> dict:
     every sample's member bytes as they were, shard by shard (same names but the suffix, same rows,
     fresh sizes and checksums), the other files copied; the manifest records the new layout (and so
     has another fingerprint: the shards' bytes differ)."""
-    src_store, out = Store(src), Store(dest)
-    shards.suffix(layout)
-    m = read_manifest((src_store, MANIFEST))
-    if m["state"] != "complete":
-        raise CacheError(f"{src}: the cache job has not finished (state {m['state']!r}); finish it before converting")
+    from vlmkd.cache.reader import CacheReader
+
+    suffix = shards.suffix(layout)
+    reader = CacheReader(src, payloads=())  # (refuses a cache whose job has not finished)
+    out = Store(dest)
     if out.exists(MANIFEST):
         raise CacheError(f"{dest} already holds a cache; convert into a new folder")
     out.makedirs()
-    names = {s["name"] for s in m["shards"]}
-    for name in src_store.files():
+    names = {s["name"] for s in reader.shards}
+    for name in reader.store.files():
         if name not in names and name != MANIFEST:
-            out.write(name, src_store.read(name))
-    new = json.loads(json.dumps(m))
-    new["extraction"]["shard_layout"] = layout
-    if layout == "tar":
-        del new["extraction"]["shard_layout"]  # as a cache written in tar records it (the default)
-    from vlmkd.cache.reader import CacheReader
-
-    reader = CacheReader(src, payloads=())
+            out.write(name, reader.store.read(name))
+    new = json.loads(json.dumps(reader.manifest))
+    new["extraction"].pop("shard_layout", None)
+    if layout != "tar":  # a tar cache records no layout (the default), as cache-teacher writes it
+        new["extraction"]["shard_layout"] = layout
     for rec in new["shards"]:
         data = reader.read_shard(rec)
         samples = list(shards.iter_members(data, rec["name"]))
-        rec["name"] = rec["name"].rsplit(".", 1)[0] + shards.suffix(layout)
+        rec["name"] = rec["name"].rsplit(".", 1)[0] + suffix
         rec["bytes"], rec["sha256"], _ = write_shard(out, rec["name"], samples, layout)
     write_manifest((out, MANIFEST), new)
     return new

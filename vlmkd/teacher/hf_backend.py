@@ -8,19 +8,23 @@ vision attention, and visual-token hidden states, optionally through a fixed see
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from transformers import AutoConfig
 
 from vlmkd.cache import format as fmt
+from vlmkd.cache.shards import LAYOUTS
 from vlmkd.data.dataset import Item, collate, encode_samples, model_inputs
 from vlmkd.data.manifest import Turn
+from vlmkd.errors import RecipeError
 from vlmkd.models.build import data_tokenizer, load_model
 from vlmkd.models.probe import probe, visual_rows
 
-SHARD_LAYOUTS = ("tar", "parquet")
+# settings newer than the first caches: recorded only away from their defaults (the value every
+# older cache was made with), so those caches keep their fingerprint
+LATER_SETTINGS = ("top_p", "topk_min", "shard_layout")
 
 
 @dataclass
@@ -54,27 +58,21 @@ class Extraction:
     shard_layout: str = "tar"  # "tar" (WebDataset) or "parquet" (one row per sample): docs/FORMAT.md
 
     def __post_init__(self):
-        from vlmkd.errors import RecipeError
-
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise RecipeError(f"top_p {self.top_p}: a probability mass in (0, 1]")
         if not 1 <= self.topk_min <= self.topk:
             raise RecipeError(f"topk_min {self.topk_min}: between 1 and topk ({self.topk})")
-        if self.shard_layout not in SHARD_LAYOUTS:
-            raise RecipeError(f"shard_layout {self.shard_layout!r}: choose one of {SHARD_LAYOUTS}")
+        if self.shard_layout not in LAYOUTS:
+            raise RecipeError(f"shard_layout {self.shard_layout!r}: choose one of {sorted(LAYOUTS)}")
 
     def to_dict(self) -> dict:
         """As the manifest records it: settings added after caches were first written are left out at
         their defaults, so those caches keep their fingerprint (a re-run still finds them complete)."""
         d = asdict(self)
-        for key, default in LATER_DEFAULTS.items():
-            if d[key] == default:
-                del d[key]
+        for f in fields(self):
+            if f.name in LATER_SETTINGS and d[f.name] == f.default:
+                del d[f.name]
         return d
-
-
-# settings newer than the first caches, with the value every older cache was made with
-LATER_DEFAULTS = {"top_p": None, "topk_min": 1, "shard_layout": "tar"}
 
 
 def projection(dim: int, r: int, seed: int) -> torch.Tensor:

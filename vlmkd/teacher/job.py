@@ -108,7 +108,6 @@ def make_backend(job: CacheJob, backend: str):
 
 def run_cache_job(job: CacheJob, teacher=None) -> dict:
     """Run (or resume) one cache job; `teacher` reuses an already started backend."""
-    out = job.out if "://" in str(job.out) else Path(job.out)
     rows = list(read_rows(job.data))
     samples = [r for r in rows if isinstance(r, Sample)]
     bad = [r for r in rows if isinstance(r, Reject)]
@@ -124,7 +123,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     start, end = part_range(len(rows), job.num_parts, job.part_index)
     split = {"num_shards": job.num_parts, "shard_index": job.part_index, "start": start, "end": end}
     # the fingerprint comes from the files, so a finished cache is recognised without starting a backend
-    writer = CacheWriter(out, job_fingerprint(job, backend), str(Path(job.data).resolve()), len(rows), split,
+    writer = CacheWriter(job.out, job_fingerprint(job, backend), str(Path(job.data).resolve()), len(rows), split,
                          job.overwrite, job.samples_per_shard, job.max_shard_bytes)
     if writer.complete:
         console.print(f"{writer.store.where(writer.name)} is complete: nothing to do")
@@ -177,7 +176,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
     t = totals(manifest)
     manifest["counts"].update(samples=t["samples"], rejects=t["rejects"])
     if t["samples"] + t["rejects"] != end - start:
-        raise CacheError(f"{out}: {end - start} rows but {t['samples']} samples + {t['rejects']} rejects; the cache "
+        raise CacheError(f"{writer.store}: {end - start} rows but {t['samples']} samples + {t['rejects']} rejects; the cache "
                          "lost or duplicated rows (a bug: please report it with the manifest)")
     if t["samples"] == 0 and job.num_parts == 1:  # (a part may be all rejects: `cache merge` checks the whole)
         manifest["state"] = "no-samples"  # not complete: a re-run says the same, never "nothing to do"
@@ -187,7 +186,7 @@ def run_cache_job(job: CacheJob, teacher=None) -> dict:
                         f"see {writer.store.where('rejects.jsonl')}){_first_reasons(reasons)}")
     write_manifest(writer.path, manifest)
     console.print(f"cache part {job.part_index + 1}/{job.num_parts}: {t['samples']} samples, {t['scored_tokens']} scored "
-                  f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {out}; {end - start} rows = {t['samples']} "
+                  f"tokens, {t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB in {writer.store}; {end - start} rows = {t['samples']} "
                   f"samples + {t['rejects']} rejected"
                   + (f" (see {writer.store.where('rejects.jsonl')})" if t["rejects"] else ""))
     return manifest

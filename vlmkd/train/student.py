@@ -54,11 +54,6 @@ def validation_manifest(cache: Path, manifest: dict) -> Path:
                       "with cache-teacher --val MANIFEST)")
 
 
-def _root(cache: str | Path) -> str | Path:
-    """A cache folder as a Path, a cache URL as it is (Path would fold its '//')."""
-    return str(cache) if "://" in str(cache) else Path(cache)
-
-
 def _student(recipe, cache: Path, manifest: dict):
     """A student built from the recipe's `model:` (with the teacher's tokenizer, which the cache
     stores ids of) or loaded from `model: {path: DIR}`; with `lora:`, PEFT adapters in its LLM."""
@@ -102,7 +97,8 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
                     teacher_mix: str = "average", allow_partial: bool = False, data_workers: int | str = "auto",
                     rejects: RejectLog | None = None) -> StudentRun:
     """The student, its objective and its batch source from a recipe and a cache (or several)."""
-    caches = [_root(c) for c in cache] if isinstance(cache, list | tuple) else [_root(cache)]
+    # folders or URLs, as given (a Path would fold a URL's '//'); every reader takes both
+    caches = list(cache) if isinstance(cache, list | tuple) else [cache]
     cache, others = caches[0], caches[1:]
     recipe = load_recipe(recipe_path)
     if seed is not None:
@@ -112,7 +108,7 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
     head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
-    own = {st.name: _root(st.cache) for st in recipe.stages if st.cache}
+    own = {st.name: st.cache for st in recipe.stages if st.cache}
     heads = {}
     for name, path in own.items():  # a stage's own cache: same checks as the run's
         heads[name] = CacheReader(path, payloads=(), verify=verify)

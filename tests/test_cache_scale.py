@@ -224,14 +224,15 @@ def _same(a, b):
                 assert v == b[sid][key], (sid, key)
 
 
-def _train(cache, run, tmp_path, shapes_dir, steps=3):
-    """A tiny student trained `steps` steps from `cache`; its per-step train losses."""
+def _train(cache, run, tmp_path, shapes_dir, steps=3, family=None, val=None):
+    """A tiny student (of the teacher's `family` config, Idefics3 by default) trained `steps` steps
+    from `cache`; its per-step train losses."""
     import yaml
     from conftest import TINY_IDEFICS3
 
     from vlmkd.train.student import train_student_run
 
-    student = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,
+    student = {**(family or TINY_IDEFICS3), "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,
                                                                  "intermediate": 64}}
     recipe = tmp_path / "kd.yaml"
     recipe.write_text(yaml.safe_dump({"name": "kd", "model": student, "eval_every": 1000, "eval_samples": 4,
@@ -239,7 +240,7 @@ def _train(cache, run, tmp_path, shapes_dir, steps=3):
                                           "name": "kd", "steps": steps, "lr": 3e-3, "warmup": 1, "batch_size": 4,
                                           "trainable": ["projector", "llm"],
                                           "losses": {"ce": 1.0, "res": 1.0, "vis": 1.0}}]}))
-    train_student_run(recipe, cache, run, val=shapes_dir / "val.json", seed=0)
+    train_student_run(recipe, cache, run, val=val or shapes_dir / "val.json", seed=0)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss_res"], r["loss_vis"]) for r in rows if r["kind"] == "train"]
 
@@ -391,3 +392,47 @@ def test_cache_written_to_memory_url_trains_and_merges(tiny_model_dir, shapes_di
     # the same batches from the URL as from the folder
     assert _train(url, tmp_path / "run", tmp_path, shapes_dir) == _train(tar_cache, tmp_path / "run2", tmp_path,
                                                                           shapes_dir)
+
+
+def test_llava_teacher_mixed_rows_parquet_top_p_at_a_url(hf_tok, shapes_dir, tmp_path):
+    """Beyond the demo: a LLaVA-layout teacher, a manifest mixing text-only, LLaMA-Factory and multi-turn
+    rows, cached in Parquet with adaptive k at a memory:// URL. Every row is a sample (counts add up),
+    text-only samples have null image/attn/hidden cells, tokens equal a tar fixed-k cache's, kept ids are
+    the fixed-k rows' best, and a LLaVA student trains from the URL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import TINY_LLAVA
+    from test_real_data import _mixed_rows, _write
+
+    from vlmkd.models.build import build_model, save_model
+
+    torch.manual_seed(0)
+    teacher = save_model(build_model(TINY_LLAVA, hf_tok), hf_tok, tmp_path / "llava")
+    rows = _mixed_rows(shapes_dir, "train", 24)
+    data = _write(tmp_path / "mixed.jsonl", rows, jsonl=True)
+    val = _write(tmp_path / "val.json", _mixed_rows(shapes_dir, "val", 6, seed=1))
+    fixed = run_cache_job(_job(teacher, data, tmp_path / "fixed"))
+    url = f"memory://vlmkd-{SEED}/llava"
+    m = run_cache_job(_job(teacher, data, url, top_p=0.5, shard_layout="parquet"))
+    assert m["teacher"]["model_type"] == "llava" and m["counts"] == fixed["counts"] == \
+        {"rows": len(rows), "samples": len(rows), "rejects": 0}
+    a, b = _decoded(url), _decoded(tmp_path / "fixed")
+    assert sorted(a) == sorted(b) and sum(not s["visual"].any() for s in a.values()) == 8
+    for sid, s in a.items():
+        assert np.array_equal(s["input_ids"], b[sid]["input_ids"]) and np.array_equal(s["pos"], b[sid]["pos"])
+        assert ("image" in s) == ("attn" in s) == ("hidden" in s) == bool(s["visual"].any())
+        for r in range(len(s["pos"])):
+            kept = s["ids"][r][np.isfinite(s["logprobs"][r])]
+            best = b[sid]["ids"][r][np.argsort(-b[sid]["logprobs"][r], kind="stable")[: len(kept) + 1]]
+            assert set(kept) <= set(best), (sid, r)  # the most likely (a tie at the cut aside)
+    store = Store(url)
+    text_only = 0
+    for shard in m["shards"]:
+        table = pq.read_table(pa.BufferReader(store.read(shard["name"])))
+        for row in table.to_pylist():
+            if json.loads(row["meta"])["visual_tokens"] == 0:
+                text_only += 1
+                assert row["image"] is None and row["attn"] is None and row["hidden"] is None
+    assert text_only == 8
+    losses = _train(url, tmp_path / "run", tmp_path, shapes_dir, steps=2, family=TINY_LLAVA, val=val)
+    assert len(losses) == 2 and all(math.isfinite(x) for row in losses for x in row)

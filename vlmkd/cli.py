@@ -198,6 +198,8 @@ def cache_teacher(
     hidden_points: str | None = typer.Option(None, help="visual hidden states to store, e.g. projector,final,"
                                                         "layer:3 (default projector,final; layer maps)"),
     text_pool: bool | None = typer.Option(None, help="store the pooled text hidden state (contrastive text term)"),
+    keep_text: bool | None = typer.Option(None, help="store each sample's conversation and response-token character "
+                                                     "spans (a student with another tokenizer: the uld term)"),
     num_shards: int = typer.Option(1, help="split the data into N jobs (N GPUs or nodes)"),
     shard_index: int = typer.Option(0, help="which of the N jobs this is"),
     samples_per_shard: int = typer.Option(2048),
@@ -218,7 +220,7 @@ def cache_teacher(
     settings = extraction_from(recipe, topk=topk, top_p=top_p, topk_min=topk_min, shard_layout=shard_layout,
                                score_visual=score_visual, batch_size=batch_size, logits=logits,
                                draws=draws, proposal_temperature=proposal_temperature, text_pool=text_pool,
-                               hidden_points=hidden_points.split(",") if hidden_points else None)
+                               keep_text=keep_text, hidden_points=hidden_points.split(",") if hidden_points else None)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,
                            max_shard_mb * 2**20, strict, overwrite, tensor_parallel_size=tensor_parallel_size,
                            data_parallel_size=data_parallel_size, val=val))

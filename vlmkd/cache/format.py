@@ -76,6 +76,9 @@ MEMBERS = {
     "hidden.npy.zst": "hidden float16 [P, N_v, D or r] for the manifest's hidden points",
     "pooled.npy.zst": "text float16 [D or r]: the mean of the teacher's final hidden states over the prompt's text "
                       "tokens (not visual, not response): contrastive alignment",
+    "text.json.zst": "the conversation (role and text of each turn, as in the data manifest) and each response "
+                     "token's (turn, start, end) character span in its turn's stripped answer: cross-tokenizer "
+                     "alignment (JSON)",
     "pref.npy.zst": "rejected input_ids int32 [T'], flags uint8 [T'], teacher log-probs float32 of the chosen [Tc] "
                     "and rejected [Tr] response tokens (LLaVA-MoD preference pairs)",
 }
@@ -145,7 +148,8 @@ def member_limit(payload: str, meta: dict, manifest: dict) -> int:
         "attn": 4 * T + 2 * L * heads * T * Nv,
         "hidden": 2 * P * Nv * D,
         "pooled": 2 * D,
-        "pref": 64 * T,  # the rejected sequence is about the chosen's length; its answer is short
+        "pref": 64 * T,
+        "text": 64 * T + 8 * len(json.dumps(meta.get("prompt", ""))),  # spans ~15 B/token; the turns' text  # the rejected sequence is about the chosen's length; its answer is short
     }.get(payload, 0)
     return 2 * need + (64 << 10)
 
@@ -464,7 +468,23 @@ def decode_pooled(blob: bytes) -> dict[str, np.ndarray]:
     return {"pooled_text": text}
 
 
+def encode_text(turns: list[tuple[str, str]], spans: np.ndarray) -> bytes:
+    doc = {"turns": [[r, t] for r, t in turns], "spans": np.asarray(spans, np.int64).reshape(-1, 3).tolist()}
+    return _zstd(json.dumps(doc, ensure_ascii=False).encode())
+
+
+def decode_text(blob: bytes) -> dict:
+    doc = json.loads(_unzstd(blob))
+    turns = doc["turns"]
+    if not isinstance(turns, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                              for t in turns):
+        raise ValueError("text: turns must be [role, text] string pairs")
+    spans = np.asarray(doc["spans"], dtype=np.int64).reshape(-1, 3)
+    return {"text_turns": [tuple(t) for t in turns], "text_spans": spans}
+
+
 DECODERS = {
+    "text": decode_text,
     "tokens": decode_tokens,
     "topk": decode_topk,
     "sampled": decode_sampled,

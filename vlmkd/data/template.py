@@ -49,6 +49,12 @@ def chat_template(image_position: str = "start") -> str:
 
 
 
+def assistant_body(text: str) -> tuple[str, int]:
+    """An assistant turn's tokenised body (the response tokens) and where the stripped answer text
+    starts in it: the answer's character coordinates are what two tokenisations are aligned in."""
+    return f" {text.strip()}{EOU}", 1
+
+
 @dataclass(frozen=True)
 class Encoded:
     """One tokenised sample. Arrays are [T]."""
@@ -100,7 +106,7 @@ class Tokenizer:
             ids += head
             labels += [False] * len(head)
             if turn.role == "assistant":
-                body = self._ids(f" {turn.text.strip()}{EOU}")
+                body = self._ids(assistant_body(turn.text)[0])
                 ids += body
                 labels += [True] * len(body)
                 tail = self._ids("\n")
@@ -128,6 +134,19 @@ class Tokenizer:
                 f"(does the text contain a literal image token?)"
             )
         return Encoded(sample.id, arr, np.asarray(labels, dtype=bool), image_mask, prompt_len)
+
+    def response_spans(self, sample: Sample) -> np.ndarray:
+        """int32 [n, 3]: (turn index, start, end) of each response token, in that order, as character
+        offsets into the turn's stripped answer text (< 0 on the body's leading space, > its length on
+        the end-of-turn marker): what a student with another tokenizer aligns to (`vlmkd.train.cross`)."""
+        rows = []
+        for i, turn in enumerate(sample.turns):
+            if turn.role != "assistant":
+                continue
+            body, start = assistant_body(turn.text)
+            enc = self.hf(body, add_special_tokens=False, return_offsets_mapping=True)
+            rows += [(i, a - start, b - start) for a, b in enc["offset_mapping"]]
+        return np.asarray(rows, dtype=np.int32).reshape(-1, 3)
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

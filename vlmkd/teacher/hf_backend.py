@@ -24,7 +24,7 @@ from vlmkd.models.probe import probe, visual_rows
 
 # settings newer than the first caches: recorded only away from their defaults (the value every
 # older cache was made with), so those caches keep their fingerprint
-LATER_SETTINGS = ("top_p", "topk_min", "shard_layout")
+LATER_SETTINGS = ("top_p", "topk_min", "shard_layout", "keep_text")
 
 
 @dataclass
@@ -56,6 +56,9 @@ class Extraction:
     gram: bool = True
     batch_size: int = 32
     shard_layout: str = "tar"  # "tar" (WebDataset) or "parquet" (one row per sample): docs/FORMAT.md
+    # the conversation and each response token's character span (the `text` payload): a student with
+    # another tokenizer re-tokenises the sample and aligns its tokens to the teacher's rows
+    keep_text: bool = False
 
     def __post_init__(self):
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -212,7 +215,8 @@ class HFTeacher:
                 text = torch.from_numpy(~enc.image_mask.astype(bool) & ~enc.labels_mask.astype(bool))
                 v = pr.hidden["final"][b, :T][text].float().mean(0)
                 members["pooled"] = fmt.encode_pooled(self._narrowed(v).numpy())
-            out.append({**sample_head(it, pos), **members} if self.with_topk else members)
+            out.append({**sample_head(it, pos, self.tok if s.keep_text else None), **members}
+                       if self.with_topk else members)
         if self.with_topk:
             for b, pair in self._preference_pairs(items, logits).items():
                 out[b]["pref"] = pair
@@ -283,11 +287,19 @@ def row_fields(sample) -> dict:
             if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200 and k != "rejected"}
 
 
-def sample_head(it: Item, pos: np.ndarray) -> dict[str, bytes]:
-    """The meta (and image) members every backend writes for a sample."""
+def sample_head(it: Item, pos: np.ndarray, text_tok=None) -> dict[str, bytes]:
+    """The meta (and image) members every backend writes for a sample; with `text_tok` (the teacher's
+    data tokenizer, `keep_text`), the text member: its turns and the response tokens' character spans."""
     enc = it.enc
     meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": int(len(enc.input_ids)),
             "response_tokens": int(enc.labels_mask.sum()), "scored": int(len(pos)),
             "visual_tokens": int(enc.image_mask.sum()), "fields": row_fields(it.sample)}
     image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
-    return {"meta": fmt.encode_meta(meta), **image}
+    text = {}
+    if text_tok is not None:
+        spans = text_tok.response_spans(it.sample)
+        if len(spans) != int(enc.labels_mask.sum()):
+            raise RuntimeError(f"sample {it.sample.id}: {len(spans)} spans for {int(enc.labels_mask.sum())} response "
+                               "tokens (the template's assistant body and its spans disagree)")
+        text = {"text": fmt.encode_text([(t.role, t.text) for t in it.sample.turns], spans)}
+    return {"meta": fmt.encode_meta(meta), **image, **text}

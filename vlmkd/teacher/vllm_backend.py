@@ -146,7 +146,7 @@ class VLLMTeacher:
             members = {"tokens": fmt.encode_tokens(enc.input_ids, enc.labels_mask, enc.image_mask),
                        "topk": fmt.encode_topk(pos, *keep_top_p(ids, lps, tail, s.top_p, s.topk_min),
                                                self.vocab_size, s.code_bits)}
-            result.append({**sample_head(it, pos), **members, **extra})
+            result.append({**sample_head(it, pos, self.tok if s.keep_text else None), **members, **extra})
         return result
 
 

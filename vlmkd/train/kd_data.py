@@ -89,6 +89,8 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
         batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis)
         if sampled:
             batch["t_w"] = t_w
+    if "x_pos" in samples[0]:
+        batch.update(cross_rows(samples, T))
     if visual and "attn" in visual[0]:
         Bv = len(visual)
         Q = max(len(s["qpos"]) for s in visual)
@@ -115,6 +117,24 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
     return batch
 
 
+def cross_rows(samples: list[dict], T: int) -> dict:
+    """The aligned spans of a re-tokenised batch (`vlmkd.train.cross.Retokenizer`), flattened over rows:
+    x_rows [G] (b * T + the student position meeting each span), the teacher rows x_ids, x_lp [G, k],
+    x_tail [G], and the hybrid's x_exact [G], x_mids, x_mlp [G, k], x_mtail [G] (padding slots -inf)."""
+    k = max(s["x_ids"].shape[1] for s in samples)
+
+    def padded(key, fill, dtype):
+        return torch.from_numpy(np.concatenate([np.pad(s[key].astype(dtype), ((0, 0), (0, k - s[key].shape[1])),
+                                                       constant_values=fill) for s in samples]))
+
+    cat = lambda key, dtype: torch.from_numpy(np.concatenate([s[key].astype(dtype) for s in samples]))  # noqa: E731
+    rows = torch.from_numpy(np.concatenate([b * T + s["x_pos"].astype(np.int64) for b, s in enumerate(samples)]))
+    return {"x_rows": rows, "x_ids": padded("x_ids", 0, np.int64), "x_lp": padded("x_lp", -np.inf, np.float32),
+            "x_tail": cat("x_tail", np.float32), "x_exact": cat("x_exact", bool),
+            "x_mids": padded("x_mids", 0, np.int64), "x_mlp": padded("x_mlp", -np.inf, np.float32),
+            "x_mtail": cat("x_mtail", np.float32)}
+
+
 def _right_pad(rows: list[np.ndarray], pad_id: int, *flags: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
     """ids [B, T] (padded with pad_id), attention mask [B, T], and each per-token flag list as [B, T] bool."""
     B, T = len(rows), max(len(r) for r in rows)
@@ -139,9 +159,11 @@ class CacheSource:
     from the step (measured: docs/PERFORMANCE.md, tools/bench_step.py)."""
 
     def __init__(self, reader: CacheReader, layout: Layout, pad_id: int, mix: TeacherMix | None = None,
-                 workers: int | str = "auto", prefetch: int = 4, stage_readers: dict[str, CacheReader] | None = None):
+                 workers: int | str = "auto", prefetch: int = 4, stage_readers: dict[str, CacheReader] | None = None,
+                 retokenize=None):
         """`stage_readers`: the stages that read their own cache (a recipe stage's `cache:`), by name;
-        the several-teacher `mix` applies to the run's cache only."""
+        the several-teacher `mix` applies to the run's cache only. `retokenize`: a
+        `vlmkd.train.cross.Retokenizer` (a student with another tokenizer, or the uld term)."""
         if workers == "auto":
             workers = 1 if torch.cuda.is_available() else 0
         if workers not in (0, 1):
@@ -150,6 +172,7 @@ class CacheSource:
         self.workers, self.prefetch = workers, prefetch
         self._said: set[str] = set()  # stages whose unfielded samples were counted aloud
         self.stage_readers = stage_readers or {}
+        self.retokenize = retokenize
 
     def _stream(self, stage: Stage, skip: int) -> Iterator[dict]:
         seen = 0
@@ -168,6 +191,8 @@ class CacheSource:
                 seen += 1
                 if seen <= skip:
                     continue
+                if self.retokenize is not None:
+                    s = self.retokenize(s)
                 if "image" in s:
                     s["pixels"] = student_pixels(s.pop("image"), self.layout, s["id"])
                 yield s

@@ -56,6 +56,8 @@ class KDObjective(Objective):
             setup = Setup(st, (stage_caches or {}).get(st.name, cache), cfg.hidden_size, cfg.num_hidden_layers,
                           self.proj)
             on = {k for k, w in st.losses.items() if w}
+            if setup.cache.cross_tokenizer:
+                refuse_cross(st.name, on)
             terms = []
             for cls in ORDER:
                 if cls.name in on:
@@ -119,7 +121,19 @@ class KDObjective(Objective):
         return dict(self._stats)
 
 
-def cache_facts(reader) -> CacheFacts:
+def refuse_cross(stage: str, on: set[str]) -> None:
+    """A student with another tokenizer than the cache's: only the terms defined across tokenizers."""
+    by_name = {cls.name: cls for cls in ORDER}
+    bad = [n for n in on if n in by_name and not by_name[n].cross_ok]
+    if bad:
+        ok = [cls.name for cls in ORDER if cls.cross_ok]
+        raise RecipeError(f"stage {stage}: the student's tokenizer is not the teacher's, and the term(s) {sorted(bad)} "
+                          f"read the teacher's token ids or positions (which mean other strings in the student's "
+                          f"vocabulary); across tokenizers use {ok} (uld: the logit KD for this case), or give the "
+                          "student the teacher's tokenizer")
+
+
+def cache_facts(reader, cross_tokenizer: bool = False) -> CacheFacts:
     """What the terms check about a cache, from its reader (the Gram array read on demand)."""
     man = reader.manifest
-    return CacheFacts(man["extraction"], man["teacher"], gram=reader.gram)
+    return CacheFacts(man["extraction"], man["teacher"], gram=reader.gram, cross_tokenizer=cross_tokenizer)

@@ -20,6 +20,7 @@ from vlmkd.errors import RecipeError
 from vlmkd.models.build import build_model, data_tokenizer, load_model
 from vlmkd.models.lora import LoraSpec, add_lora
 from vlmkd.progress import bar
+from vlmkd.train.cross import Retokenizer, vocab_map
 from vlmkd.train.dist import init_from_env
 from vlmkd.train.kd_data import CacheSource
 from vlmkd.train.loop import TrainResult, train
@@ -77,6 +78,18 @@ def _student(recipe, cache: Path, manifest: dict):
     return model, hf_tok
 
 
+def check_cross(head: CacheReader, others: list, own: dict) -> None:
+    """What a student with another tokenizer than the cache's needs: one cache, with its text."""
+    if others or own:
+        raise RecipeError("a student with another tokenizer than the teacher's trains from one cache (no several "
+                          "teachers, no stage caches yet): give the student the teacher's tokenizer, or use one cache")
+    if not head.manifest["extraction"].get("keep_text"):
+        raise RecipeError(f"the student's tokenizer is not the teacher's ({head.manifest['tokenizer_sha256'][:16]}...), "
+                          f"so it re-tokenises each sample's text, and cache {head.root} holds none: rebuild it with "
+                          "`vlmkd cache-teacher ... --keep-text` (recipe cache section: keep_text: true), or give the "
+                          "student the teacher's tokenizer")
+
+
 @dataclass
 class StudentRun:
     """Everything a student's training needs, built once the same way for vlmkd's own loop and for
@@ -107,16 +120,26 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     head = CacheReader(cache, payloads=(), verify=verify)
     model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
-    head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
     own = {st.name: st.cache for st in recipe.stages if st.cache}
+    cross = head.manifest["tokenizer_sha256"] != tokenizer_fingerprint(hf_tok)
+    if cross:
+        check_cross(head, others, own)
+    else:
+        head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
     heads = {}
     for name, path in own.items():  # a stage's own cache: same checks as the run's
         heads[name] = CacheReader(path, payloads=(), verify=verify)
         heads[name].check_tokenizer(tokenizer_fingerprint(hf_tok), f"student (stage {name}'s cache {path})")
     # the terms check the caches and say which payloads the run decodes
-    objective = KDObjective(model, cache_facts(head), recipe.stages, {n: cache_facts(h) for n, h in heads.items()})
+    objective = KDObjective(model, cache_facts(head, cross), recipe.stages, {n: cache_facts(h) for n, h in heads.items()})
+    retokenize = None
+    payloads = objective.payloads
+    if cross or "text" in payloads:  # the student reads the answers' text and aligns its own tokens
+        teacher_tok = AutoTokenizer.from_pretrained(str(teacher_files(cache, head.manifest)))
+        retokenize = Retokenizer(tok, vocab_map(teacher_tok, hf_tok))
+        payloads = tuple(dict.fromkeys([*payloads, "text"]))
     # one global stream on every rank (rank=0, world=1): CacheSource deals each global batch out by rank
-    reader = CacheReader(cache, payloads=objective.payloads, verify=verify, shuffle_buffer=shuffle_buffer,
+    reader = CacheReader(cache, payloads=payloads, verify=verify, shuffle_buffer=shuffle_buffer,
                          seed=recipe.seed, rank=0, world=1)
     stage_readers = {name: CacheReader(path, payloads=objective.payloads_of([name]), verify=verify,
                                        shuffle_buffer=shuffle_buffer, seed=recipe.seed, rank=0, world=1)
@@ -125,7 +148,8 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     if others:
         mix = TeacherMix(reader, [CacheReader(c, payloads=("tokens", "topk"), verify=verify) for c in others],
                          teacher_weights, teacher_mix, allow_partial, rejects or RejectLog(None))
-    source = CacheSource(reader, layout, tok.pad_id, mix, data_workers, stage_readers=stage_readers)
+    source = CacheSource(reader, layout, tok.pad_id, mix, data_workers, stage_readers=stage_readers,
+                         retokenize=retokenize)
     return StudentRun(recipe, model, hf_tok, tok, layout, objective, source,
                       val or validation_manifest(cache, reader.manifest))
 

@@ -13,6 +13,7 @@ from vlmkd.train.terms.base import Setup, Step, Term
 
 class Align(Term):
     name = "align"
+    cross_ok = True
     visual = True
 
     def __init__(self, opts, setup: Setup):

@@ -11,6 +11,7 @@ from vlmkd.train.terms.base import Step, Term
 
 class Balance(Term):
     name = "balance"
+    cross_ok = True
 
     def loss(self, s: Step) -> torch.Tensor:
         if not is_moe(s.model):

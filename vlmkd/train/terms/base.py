@@ -79,6 +79,7 @@ class CacheFacts:
     extraction: dict
     teacher: dict
     gram: Any = None  # callable -> np.ndarray: the teacher's LM-head Gram matrix (cache-level array)
+    cross_tokenizer: bool = False  # the student's tokenizer is not the one the cache's ids are of
 
     @property
     def points(self) -> list[str]:
@@ -168,6 +169,8 @@ class Term(torch.nn.Module):
     name: ClassVar[str] = ""
     options: ClassVar[type] = NoOptions
     visual: ClassVar[bool] = False  # reads visual tokens: text-only rows are skipped, 0 on a batch of them only
+    # defined when the student's tokenizer differs from the teacher's (reads no teacher token id or position)
+    cross_ok: ClassVar[bool] = False
 
     def __init__(self, opts, setup: Setup):
         super().__init__()

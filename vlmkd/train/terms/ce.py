@@ -11,6 +11,7 @@ from vlmkd.train.terms.logits import rows_kd
 
 class CE(Term):
     name = "ce"
+    cross_ok = True
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch

@@ -27,6 +27,7 @@ class ContrastOptions:
 
 class Contrast(Term):
     name = "contrast"
+    cross_ok = True
     options = ContrastOptions
 
     def __init__(self, opts: ContrastOptions, setup: Setup):

@@ -27,6 +27,7 @@ class FeatOptions:
 
 class Feat(Term):
     name = "feat"
+    cross_ok = True
     visual = True
     options = FeatOptions
 

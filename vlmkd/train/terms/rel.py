@@ -12,6 +12,7 @@ from vlmkd.train.terms.base import Setup, Step, Term
 
 class Rel(Term):
     name = "rel"
+    cross_ok = True
     visual = True
 
     def __init__(self, opts, setup: Setup):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from reproduce import mean_std  # noqa: E402
 
 from vlmkd.data.manifest import load_samples  # noqa: E402
 from vlmkd.eval.run import evaluate_model  # noqa: E402
@@ -46,11 +48,6 @@ def recipe(name: str, tokenizer: Path, out: Path, steps: int) -> Path:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def ms(xs):
-    xs = [x for x in xs if x is not None]
-    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
 def main() -> None:
@@ -83,15 +80,15 @@ def main() -> None:
             evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             evals = [m for m in evals if m["kind"] == "eval"]
             rows.append({"seed": seed, "accuracy": sc["accuracy"], "val_nll": evals[-1]["val_nll"],
-                         "by_type": sc.get("by_type")})
+                         "per_type": sc["per_type"]})
             print(f"{name} seed {seed}: accuracy {sc['accuracy']:.3f}, held-out NLL {evals[-1]['val_nll']:.4f}", flush=True)
-        results["rows"][name] = {"seeds": rows, "accuracy": ms([r["accuracy"] for r in rows]),
-                                 "val_nll": ms([r["val_nll"] for r in rows])}
+        results["rows"][name] = {"seeds": rows, "accuracy": mean_std([r["accuracy"] for r in rows]),
+                                 "val_nll": mean_std([r["val_nll"] for r in rows])}
         out_json.write_text(json.dumps(results, indent=1))
     print(f"\n| student (tokenizer {args.vocab} ids) | test accuracy | held-out NLL |\n| --- | --- | --- |")
     for name, r in results["rows"].items():
         a, n = r["accuracy"], r["val_nll"]
-        print(f"| {name} | {a['mean']:.3f} ± {a['sd']:.3f} | {n['mean']:.4f} ± {n['sd']:.4f} |")
+        print(f"| {name} | {a['mean']:.3f} ± {a['std']:.3f} | {n['mean']:.4f} ± {n['std']:.4f} |")
     print("(mean ± sample SD over seeds)")
 
 

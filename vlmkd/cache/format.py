@@ -148,8 +148,8 @@ def member_limit(payload: str, meta: dict, manifest: dict) -> int:
         "attn": 4 * T + 2 * L * heads * T * Nv,
         "hidden": 2 * P * Nv * D,
         "pooled": 2 * D,
-        "pref": 64 * T,
-        "text": 64 * T + 8 * len(json.dumps(meta.get("prompt", ""))),  # spans ~15 B/token; the turns' text  # the rejected sequence is about the chosen's length; its answer is short
+        "pref": 64 * T,  # the rejected sequence is about the chosen's length; its answer is short
+        "text": 64 * T + 8 * len(json.dumps(meta.get("prompt", ""))),  # spans ~15 B/token; the turns' text
     }.get(payload, 0)
     return 2 * need + (64 << 10)
 

@@ -41,10 +41,11 @@ def _ends(spans: np.ndarray, answer_len: int) -> tuple[np.ndarray, np.ndarray]:
 def align_spans(teacher: np.ndarray, student: np.ndarray, answer_len: int) -> list[tuple[list[int], list[int]]]:
     """Groups (teacher token indices, student token indices) of one turn's response tokens, in order;
     teacher / student: [n, 2] (start, end) character spans in the turn's stripped answer (length
-    answer_len). Every token is in exactly one group and every group has tokens on both sides."""
+    answer_len). Every token is in exactly one group and every group has tokens on both sides (none
+    when a side has no tokens for the turn)."""
     (te, tc), (se, sc) = _ends(teacher, answer_len), _ends(student, answer_len)
     if not len(te) or not len(se):
-        return [([*range(len(te))], [*range(len(se))])] if len(te) and len(se) else []
+        return []
     final = max(te[-1], se[-1])  # both sequences end the turn: their last tokens close the last span
     te[-1] = se[-1] = final
     common = np.array(sorted(set(te[tc].tolist()) & set(se[sc].tolist())))
@@ -66,11 +67,9 @@ def align_sample(t_spans: np.ndarray, s_spans: np.ndarray, turns: list[tuple[str
 
 def token_strings(hf_tok) -> list[str | None]:
     """Each id's text (None where it decodes to no whole characters: a byte of a split character)."""
-    out = []
-    for i in range(len(hf_tok)):
-        s = hf_tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        out.append(None if (not s or "\ufffd" in s) else s)
-    return out
+    texts = hf_tok.batch_decode([[i] for i in range(len(hf_tok))], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+    return [None if (not s or "\ufffd" in s) else s for s in texts]
 
 
 def vocab_map(teacher_tok, student_tok) -> np.ndarray:
@@ -93,7 +92,7 @@ def vocab_map(teacher_tok, student_tok) -> np.ndarray:
 
 class Retokenizer:
     """Rewrites a cached sample for a student with its own tokenizer: the student's ids, response and
-    visual flags, and per aligned span the teacher's row at its first token (x_ids, x_lp, x_tail), the
+    visual flags, and per aligned span the teacher's row at its first token (x_lp, x_tail), the
     student position whose output meets it (x_pos), and, for the hybrid, whether the span is one shared
     token (x_exact) with the teacher's ids mapped into the student vocabulary (x_mids, x_mlp, x_mtail)."""
 
@@ -133,7 +132,7 @@ class Retokenizer:
         keep = (mids >= 0) & np.isfinite(lp)
         with np.errstate(divide="ignore"):
             lost = np.log(np.where(np.isfinite(lp) & ~keep, np.exp(lp.astype(np.float64)), 0.0).sum(-1))
-        out.update(x_pos=s_resp[first_s] - 1, x_ids=ids, x_lp=lp, x_tail=tail, x_exact=exact,
+        out.update(x_pos=s_resp[first_s] - 1, x_lp=lp, x_tail=tail, x_exact=exact,
                    x_mids=np.where(keep, mids, 0), x_mlp=np.where(keep, lp, -np.inf),
                    x_mtail=np.logaddexp(tail.astype(np.float64), lost))
         return out

@@ -119,9 +119,9 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
 
 def cross_rows(samples: list[dict], T: int) -> dict:
     """The aligned spans of a re-tokenised batch (`vlmkd.train.cross.Retokenizer`), flattened over rows:
-    x_rows [G] (b * T + the student position meeting each span), the teacher rows x_ids, x_lp [G, k],
+    x_rows [G] (b * T + the student position meeting each span), the teacher rows x_lp [G, k],
     x_tail [G], and the hybrid's x_exact [G], x_mids, x_mlp [G, k], x_mtail [G] (padding slots -inf)."""
-    k = max(s["x_ids"].shape[1] for s in samples)
+    k = max(s["x_lp"].shape[1] for s in samples)
 
     def padded(key, fill, dtype):
         return torch.from_numpy(np.concatenate([np.pad(s[key].astype(dtype), ((0, 0), (0, k - s[key].shape[1])),
@@ -129,7 +129,7 @@ def cross_rows(samples: list[dict], T: int) -> dict:
 
     cat = lambda key, dtype: torch.from_numpy(np.concatenate([s[key].astype(dtype) for s in samples]))  # noqa: E731
     rows = torch.from_numpy(np.concatenate([b * T + s["x_pos"].astype(np.int64) for b, s in enumerate(samples)]))
-    return {"x_rows": rows, "x_ids": padded("x_ids", 0, np.int64), "x_lp": padded("x_lp", -np.inf, np.float32),
+    return {"x_rows": rows, "x_lp": padded("x_lp", -np.inf, np.float32),
             "x_tail": cat("x_tail", np.float32), "x_exact": cat("x_exact", bool),
             "x_mids": padded("x_mids", 0, np.int64), "x_mlp": padded("x_mlp", -np.inf, np.float32),
             "x_mtail": cat("x_mtail", np.float32)}

@@ -24,7 +24,7 @@ from vlmkd.models.probe import probe
 from vlmkd.train.dist import is_sharded
 from vlmkd.train.loop import Objective
 from vlmkd.train.recipe import Stage
-from vlmkd.train.terms import ORDER, CacheFacts, Setup, Step, Term, check_loss_args, stage_options
+from vlmkd.train.terms import ORDER, TERMS, CacheFacts, Setup, Step, Term, check_loss_args, stage_options
 
 LOGIT_TERMS = ("ce", "res", "vis")
 
@@ -123,8 +123,7 @@ class KDObjective(Objective):
 
 def refuse_cross(stage: str, on: set[str]) -> None:
     """A student with another tokenizer than the cache's: only the terms defined across tokenizers."""
-    by_name = {cls.name: cls for cls in ORDER}
-    bad = [n for n in on if n in by_name and not by_name[n].cross_ok]
+    bad = [n for n in on if n in TERMS and not TERMS[n].cross_ok]
     if bad:
         ok = [cls.name for cls in ORDER if cls.cross_ok]
         raise RecipeError(f"stage {stage}: the student's tokenizer is not the teacher's, and the term(s) {sorted(bad)} "

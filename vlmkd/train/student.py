@@ -121,15 +121,14 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     model, hf_tok = _student(recipe, cache, head.manifest)
     tok, layout = data_tokenizer(model, hf_tok)
     own = {st.name: st.cache for st in recipe.stages if st.cache}
-    cross = head.manifest["tokenizer_sha256"] != tokenizer_fingerprint(hf_tok)
+    student_sha = tokenizer_fingerprint(hf_tok)
+    cross = head.manifest["tokenizer_sha256"] != student_sha
     if cross:
         check_cross(head, others, own)
-    else:
-        head.check_tokenizer(tokenizer_fingerprint(hf_tok), "student")
     heads = {}
-    for name, path in own.items():  # a stage's own cache: same checks as the run's
+    for name, path in own.items():  # a stage's own cache: the student's tokenizer must be its teacher's
         heads[name] = CacheReader(path, payloads=(), verify=verify)
-        heads[name].check_tokenizer(tokenizer_fingerprint(hf_tok), f"student (stage {name}'s cache {path})")
+        heads[name].check_tokenizer(student_sha, f"student (stage {name}'s cache {path})")
     # the terms check the caches and say which payloads the run decodes
     objective = KDObjective(model, cache_facts(head, cross), recipe.stages, {n: cache_facts(h) for n, h in heads.items()})
     retokenize = None

@@ -292,3 +292,26 @@ def test_cross_tokenizer_refusals(text_cache, trained_tiny_teacher, mixed_data, 
         prepare_student(_recipe(tmp_path, {"ce": 1.0, "uld": 1.0}, other_tok_dir), old, val=shapes_dir / "val.json")
     with pytest.raises(RecipeError, match="--keep-text"):  # uld with the teacher's tokenizer: still needs the text
         prepare_student(_recipe(tmp_path, {"ce": 1.0, "uld": 1.0}), old, val=shapes_dir / "val.json")
+
+
+def test_llava_student_with_another_tokenizer(hf_tok, mixed_data, other_tok_dir, shapes_dir, tmp_path):
+    """The LLaVA layout too: a LLaVA teacher's --keep-text cache of the mixed manifest (text-only,
+    multi-turn, LLaMA-Factory rows), and a LLaVA student with the 384-id tokenizer trains from it."""
+    import yaml
+    from conftest import TINY_LLAVA
+
+    from vlmkd.models.build import build_model, save_model
+    from vlmkd.train.student import train_student_run
+
+    torch.manual_seed(SEED)
+    teacher = save_model(build_model(TINY_LLAVA, hf_tok), hf_tok, tmp_path / "llava")
+    cache = _cache(teacher, mixed_data, tmp_path / "cache")
+    recipe = _recipe(tmp_path, {"ce": 1.0, "uld": 1.0, "rel": 0.5}, other_tok_dir, steps=2)
+    doc = yaml.safe_load(recipe.read_text())
+    doc["model"] = {**doc["model"], "arch": "llava", "vision": TINY_LLAVA["vision"]}
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    train_student_run(recipe, cache, out, val=shapes_dir / "val.json", seed=0)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss_uld"]) and math.isfinite(r["loss_rel"]) for r in train)

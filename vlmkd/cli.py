@@ -335,6 +335,74 @@ def cache_convert(
                   f"{t['bytes'] / 2**20:.1f} MiB")
 
 
+@app.command("generate")
+def generate_cmd(
+    model: Path = typer.Option(..., help="the model that answers (teacher or student; Hugging Face format)"),
+    data: Path = typer.Option(..., help="a manifest of prompts (rows with or without answers; any format vlmkd reads)"),
+    out: Path = typer.Option(..., help="the answers as a manifest in the input's row format: .jsonl, or .json (a list)"),
+    n: int = typer.Option(1, help="answers per prompt"),
+    temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling: keep the fewest tokens whose mass reaches P"),
+    top_k: int = typer.Option(0, help="sample from the K likeliest tokens only (0: off)"),
+    max_new_tokens: int = typer.Option(32),
+    seed: int = typer.Option(0, help="each prompt row draws from its own seed, hashed from this and its row"),
+    backend: str = typer.Option("auto", help="auto (vLLM when it imports and runs the model), vllm, or hf"),
+    batch_size: int = typer.Option(64, help="prompt rows per batch (a re-run resumes after the last whole batch)"),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallelism"),
+    strict: bool = typer.Option(False, help="fail on the first bad row instead of recording it"),
+    overwrite: bool = typer.Option(False, help="start over even if OUT holds another job's answers"),
+    threads: int | None = typer.Option(None),
+):
+    """Answer every prompt of a manifest with a model (vLLM, or transformers), writing the answers as a
+    manifest with each row's provenance: teacher answers for sequence-level KD, a student's own answers
+    for on-policy rounds or preference pairs. A re-run resumes; every prompt is answered once."""
+    from vlmkd.generate.engines import Sampling
+    from vlmkd.generate.job import GenerateJob, run_generate
+
+    _threads(threads)
+    sampling = Sampling(n, temperature, top_p, top_k, max_new_tokens, seed)
+    run_generate(GenerateJob(model, data, out, sampling, backend, batch_size, strict, overwrite,
+                             tensor_parallel_size=tensor_parallel_size))
+
+
+@app.command("pairs")
+def pairs_cmd(
+    teacher: Path = typer.Option(..., help="the teacher that ranks the answers"),
+    data: Path = typer.Option(..., help="a `vlmkd generate` manifest with several answers per prompt (--n)"),
+    out: Path = typer.Option(..., help="the pairs as a .jsonl manifest (chosen answer + `rejected`)"),
+    rule: str = typer.Option("teacher", help="teacher: its best vs its worst answer; reference: the data set's answer "
+                                             "vs the teacher's favourite wrong one"),
+    match: str = typer.Option("first_word", help="--rule reference: what counts as matching the reference"),
+    batch_size: int = typer.Option(32),
+    threads: int | None = typer.Option(None),
+):
+    """LLaVA-MoD preference pairs from a model's own sampled answers, ranked by the teacher's mean
+    log-prob per token; then `cache-teacher` scores the pairs and a `pref` stage trains on them."""
+    from vlmkd.generate.pairs import make_pairs
+
+    _threads(threads)
+    make_pairs(teacher, data, out, rule, match, batch_size)
+
+
+@app.command("on-policy")
+def on_policy_cmd(
+    recipe: Path = typer.Option(..., help="a recipe with an on_policy section (pipelines/on_policy.yaml)"),
+    teacher: Path = typer.Option(..., help="the teacher that scores the student's answers each round"),
+    cache: str = typer.Option(..., help="the teacher's cache of the data set (round 0 trains from it)"),
+    out: Path = typer.Option(..., help="run folder: round-0/, round-1/ (answers, data, cache, student), rounds.json"),
+    data: Path | None = typer.Option(None, help="the prompts (default: the manifest the cache was built from)"),
+    max_steps: int | None = typer.Option(None, help="cap each stage's steps"),
+    seed: int | None = typer.Option(None),
+    threads: int | None = typer.Option(None),
+):
+    """On-policy distillation in rounds: the student answers a share of the prompts, the teacher scores
+    those answers into a new cache, the student trains on it; teacher and student never share memory."""
+    from vlmkd.generate.rounds import run_rounds
+
+    _threads(threads)
+    run_rounds(recipe, teacher, cache, out, data, max_steps, seed)
+
+
 @app.command("train-student")
 def train_student(
     recipe: Path = typer.Option(..., help="pipelines/*.yaml: student model, stages, losses"),

@@ -168,12 +168,15 @@ def _content(value: object, where: str) -> tuple[str, list]:
     return "".join(text), refs
 
 
-def _turns(row: dict, cols: Columns, where: str) -> tuple[list[Turn], list]:
-    """Turns of a conversation row or an alpaca row, and any images named inside the turns."""
+def _turns(row: dict, cols: Columns, where: str, prompts: bool = False) -> tuple[list[Turn], list]:
+    """Turns of a conversation row or an alpaca row, and any images named inside the turns; with
+    `prompts`, an alpaca row may lack its output (a prompt to answer)."""
     convs = _first(row, cols.messages)
     refs: list = []
     if convs is None and cols.prompt in row:  # alpaca: instruction (+ input) -> output, after its history
         prompt, query, answer = row.get(cols.prompt), row.get(cols.query) or "", row.get(cols.response)
+        if prompts and answer is None:
+            answer = ""
         if not isinstance(prompt, str) or not isinstance(query, str) or not isinstance(answer, str):
             raise DataError(f"{where}: alpaca fields {cols.prompt!r}, {cols.query!r} and {cols.response!r} "
                             "must be strings")
@@ -186,7 +189,9 @@ def _turns(row: dict, cols: Columns, where: str) -> tuple[list[Turn], list]:
             raise DataError(f"{where}: {cols.history!r} must be a list of [question, answer] string pairs")
         for q, a in history:
             turns += [Turn("user", q), Turn("assistant", a)]
-        turns += [Turn("user", "\n".join(x for x in (prompt, query) if x)), Turn("assistant", answer)]
+        turns.append(Turn("user", "\n".join(x for x in (prompt, query) if x)))
+        if answer:
+            turns.append(Turn("assistant", answer))
         return turns, refs
     if not isinstance(convs, list) or not convs:
         names = " or ".join(f"'{m}'" for m in cols.messages)
@@ -223,7 +228,7 @@ def derived_id(row: dict) -> str:
     return "row-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _parse_row(row: object, where: str, root: Path, cols: Columns = Columns()) -> Sample:
+def _parse_row(row: object, where: str, root: Path, cols: Columns = Columns(), prompts: bool = False) -> Sample:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a sample must be a JSON object, got {type(row).__name__}")
     sid = row.get("id")
@@ -234,8 +239,8 @@ def _parse_row(row: object, where: str, root: Path, cols: Columns = Columns()) -
         raise DataError(f"{where}: 'id' must be a non-empty string or integer, got {json.dumps(sid)[:40]}")
     sid = str(sid)
     where = f"{where} (sample {sid})"
-    turns, inline = _turns(row, cols, where)
-    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+    turns, inline = _turns(row, cols, where, prompts)
+    if not prompts and not any(t.role == "assistant" and t.text.strip() for t in turns):
         raise DataError(f"{where}: no non-empty assistant turn to learn from")
     if not any(t.role == "user" for t in turns):
         raise DataError(f"{where}: no user turn")
@@ -316,8 +321,15 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
             yield where, DataError(f"{where}: not valid JSON ({e.msg}){hint}")
 
 
-def read_manifest(path: str | Path) -> Iterator[Sample | Reject]:
-    """Samples of a manifest in file order; bad rows come back as `Reject`s (one per row, always)."""
+def read_manifest(path: str | Path, prompts: bool = False) -> Iterator[Sample | Reject]:
+    """Samples of a manifest in file order; bad rows come back as `Reject`s (one per row, always).
+    With `prompts`, a row needs no answer (the prompts `vlmkd generate` answers)."""
+    for _, sample in read_rows(path, prompts):
+        yield sample
+
+
+def read_rows(path: str | Path, prompts: bool = False) -> Iterator[tuple[object, Sample | Reject]]:
+    """(the row as the file holds it, its Sample or Reject), for writers that keep a row's own format."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
@@ -329,15 +341,15 @@ def read_manifest(path: str | Path) -> Iterator[Sample | Reject]:
         try:
             if isinstance(row, DataError):
                 raise row
-            sample = _parse_row(row, where, root, cols)
+            sample = _parse_row(row, where, root, cols, prompts)
             sid = sample.id
             if sample.id in seen:
                 same = " (its content repeats that row: the id was derived from it)" if sample.id_derived else ""
                 raise DataError(f"{where}: duplicate sample id {sample.id!r}, first at {seen[sample.id]}{same}")
             seen[sample.id] = where
-            yield sample
+            yield row, sample
         except DataError as e:
-            yield Reject(sid, where, str(e))
+            yield row, Reject(sid, where, str(e))
 
 
 def load_samples(path: str | Path, strict: bool = False) -> tuple[list[Sample], list[Reject]]:

@@ -59,7 +59,7 @@ def part_range(n_rows: int, num_parts: int, index: int) -> tuple[int, int]:
     return n_rows * index // num_parts, n_rows * (index + 1) // num_parts
 
 
-def choose_backend(name: str, teacher: Path) -> str:
+def choose_backend(name: str, teacher: Path, what: str = "teacher backend") -> str:
     """`auto` takes vLLM when it imports and supports the model, and says which it took and why."""
     from vlmkd.teacher.vllm_backend import vllm_available
 
@@ -72,7 +72,7 @@ def choose_backend(name: str, teacher: Path) -> str:
         raise CacheError(f"--backend vllm: {why}; install it with tools/install_vllm.sh or use --backend hf")
     chosen = "vllm" if ok else "hf"
     if name == "auto":
-        console.print(f"teacher backend: {chosen} ({why})")
+        console.print(f"{what}: {chosen} ({why})")
     return chosen
 
 

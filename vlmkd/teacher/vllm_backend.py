@@ -58,28 +58,14 @@ class VLLMTeacher:
 
     def __init__(self, model_dir, settings: Extraction, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, gpu_memory_utilization: float | None = None):
-        from vllm import LLM
-
         self.settings = settings
         self.hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
         config = AutoConfig.from_pretrained(str(model_dir))
         self.layout = layout_of(config, self.hf_tok)
         self.tok = Tokenizer(self.hf_tok, self.layout.image_block, self.layout.image_token_id, self.layout.max_length)
         self.vocab_size = config.text_config.vocab_size
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            # vLLM's CPU backend keeps one core for its front end by default; here the front end only
-            # waits on the engine, so give the engine every core (override by setting the variable)
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        kwargs = dict(model=str(model_dir), dtype="auto" if on_gpu else "float32",
-                      max_logprobs=settings.topk, max_model_len=self.layout.max_length,
-                      limit_mm_per_prompt={"image": 1}, tensor_parallel_size=tensor_parallel_size,
-                      # the CPU backend's default memory fraction exceeds one NUMA node here
-                      gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.3),
-                      seed=0)
-        if data_parallel_size > 1:
-            kwargs["data_parallel_size"] = data_parallel_size
-        self.llm = LLM(**kwargs)
+        self.llm = start_engine(model_dir, self.layout, settings.topk, tensor_parallel_size, data_parallel_size,
+                                gpu_memory_utilization)
         self.aux = None
         if settings.attn_layers or settings.hidden_points or settings.gram or settings.text_pool:
             self.aux = HFTeacher(model_dir, settings, num_layers=aux_layers(settings), with_topk=False)
@@ -91,23 +77,8 @@ class VLLMTeacher:
 
     def close(self) -> None:
         """Stop the engine now (its worker processes), not at interpreter exit."""
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown:
-            shutdown()
+        stop_engine(self.llm)
         del self.llm
-
-    def _prompt(self, it: Item):
-        from vllm.inputs import TokensPrompt
-
-        ids = it.enc.input_ids.tolist()
-        data = {}
-        if it.sample.image is not None:
-            block = self.layout.image_block
-            start = int(np.argmax(it.enc.image_mask)) - block.index(self.layout.image_token_id)
-            ids = ids[:start] + [self.layout.image_token_id] + ids[start + len(block):]
-            data = {"multi_modal_data": {"image": load_image(it.sample.image, it.sample.id)}}
-        return TokensPrompt(prompt_token_ids=ids, **data)
 
     def topk_arrays(self, items: list[Item]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """(pos, ids, log-probs, tail) per item from one vLLM generate call, unquantised."""
@@ -115,14 +86,11 @@ class VLLMTeacher:
 
         s = self.settings
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=s.topk, detokenize=False)
-        outs = self.llm.generate([self._prompt(it) for it in items], params, use_tqdm=False)
+        outs = self.llm.generate([engine_prompt(it, self.layout) for it in items], params, use_tqdm=False)
         result = []
         for it, o in zip(items, outs, strict=True):
             enc = it.enc
-            if list(o.prompt_token_ids) != enc.input_ids.tolist():
-                raise CacheError(f"sample {it.sample.id}: vLLM scored other token ids than the cache's data path "
-                                 f"({len(o.prompt_token_ids)} vs {len(enc.input_ids)} tokens); the image block or "
-                                 "chat template differs between vLLM's processor and vlmkd")
+            check_prompt(it, o.prompt_token_ids)
             pos = scored_positions(enc, s.score_visual)
             k = min(s.topk, self.vocab_size)
             ids = np.zeros((len(pos), k), dtype=np.int64)
@@ -148,6 +116,58 @@ class VLLMTeacher:
                                                self.vocab_size, s.code_bits)}
             result.append({**sample_head(it, pos, self.tok if s.keep_text else None), **members, **extra})
         return result
+
+
+def start_engine(model_dir, layout, max_logprobs: int, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None, seed: int = 0):
+    """A vLLM engine for one model folder, as both the teacher backend and `vlmkd generate` run it."""
+    from vllm import LLM
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        # vLLM's CPU backend keeps one core for its front end by default; here the front end only
+        # waits on the engine, so give the engine every core (override by setting the variable)
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    kwargs = dict(model=str(model_dir), dtype="auto" if on_gpu else "float32",
+                  max_logprobs=max_logprobs, max_model_len=layout.max_length,
+                  limit_mm_per_prompt={"image": 1}, tensor_parallel_size=tensor_parallel_size,
+                  # the CPU backend's default memory fraction exceeds one NUMA node here
+                  gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.3),
+                  seed=seed)
+    if data_parallel_size > 1:
+        kwargs["data_parallel_size"] = data_parallel_size
+    return LLM(**kwargs)
+
+
+def stop_engine(llm) -> None:
+    """Stop an engine's worker processes now, not at interpreter exit."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if shutdown:
+        shutdown()
+
+
+def engine_prompt(it: Item, layout):
+    """A sample as vLLM takes it: the data path's token ids with the image block collapsed to one
+    `<image>` placeholder (vLLM's processor expands it again), and the decoded image."""
+    from vllm.inputs import TokensPrompt
+
+    ids = it.enc.input_ids.tolist()
+    data = {}
+    if it.sample.image is not None:
+        block = layout.image_block
+        start = int(np.argmax(it.enc.image_mask)) - block.index(layout.image_token_id)
+        ids = ids[:start] + [layout.image_token_id] + ids[start + len(block):]
+        data = {"multi_modal_data": {"image": load_image(it.sample.image, it.sample.id)}}
+    return TokensPrompt(prompt_token_ids=ids, **data)
+
+
+def check_prompt(it: Item, engine_ids) -> None:
+    """vLLM's expanded prompt must be the data path's ids token for token, or the job stops naming the sample."""
+    if list(engine_ids) != it.enc.input_ids.tolist():
+        raise CacheError(f"sample {it.sample.id}: vLLM read other token ids than vlmkd's data path "
+                         f"({len(engine_ids)} vs {len(it.enc.input_ids)} tokens); the image block or "
+                         "chat template differs between vLLM's processor and vlmkd")
 
 
 def _logsumexp(x: np.ndarray) -> float:

@@ -59,6 +59,8 @@ class Recipe:
     parallel: str = "ddp"  # under torchrun: ddp (full replicas) or fsdp (FSDP2: parameters, gradients and
     # optimizer state sharded across ranks, for students that do not fit one device)
     data: dict = field(default_factory=dict)
+    # on-policy rounds (`vlmkd on-policy`, vlmkd.generate.rounds.OnPolicy): {rounds, fraction, temperature, ...}
+    on_policy: dict | None = None
     source: str = ""
 
 
@@ -115,6 +117,10 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
     rest.setdefault("name", Path(source).stem)
     if rest.get("parallel", "ddp") not in ("ddp", "fsdp"):
         raise RecipeError(f"{source}: parallel must be ddp or fsdp, not {rest['parallel']!r}")
+    if rest.get("on_policy") is not None:
+        from vlmkd.generate.rounds import OnPolicy
+
+        OnPolicy.parse(rest["on_policy"], source)
     return _build(Recipe, {**rest, "stages": stages, "source": source}, source)
 
 

@@ -114,6 +114,9 @@ def prepare_student(recipe_path: Path, cache: Path | list[Path], val: Path | Non
     caches = list(cache) if isinstance(cache, list | tuple) else [cache]
     cache, others = caches[0], caches[1:]
     recipe = load_recipe(recipe_path)
+    if recipe.on_policy is not None:
+        raise RecipeError(f"{recipe_path} has an on_policy section: its rounds (the student answers, the teacher "
+                          "scores, the student trains) run with `vlmkd on-policy --recipe ... --teacher ... --cache ...`")
     if seed is not None:
         recipe.seed = seed
         recipe.model = {**recipe.model, "init_seed": seed}

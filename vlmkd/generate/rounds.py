@@ -41,9 +41,12 @@ class OnPolicy:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
-    seed: int = 0
+    seed: int | None = None  # the draws of rows and answers (default: the run's seed)
     backend: str = "auto"  # the student's generation engine
     teacher_backend: str = "auto"  # the teacher's scoring backend
+    # the stages each round 1..R trains (default: the recipe's, which round 0 trains), e.g. KD terms
+    # only, so that no cross-entropy pulls the student towards its own sampled answers
+    stages: list | None = None
 
     @classmethod
     def parse(cls, raw: dict | None, where: str) -> OnPolicy:
@@ -59,17 +62,22 @@ class OnPolicy:
         if not 0 < op.fraction <= 1:
             raise RecipeError(f"{where}: on_policy.fraction is the share of prompts the student answers, in (0, 1]")
         op.sampling(0)  # refuses bad sampling parameters now, not after round 0
+        if op.stages is not None:
+            from vlmkd.train.recipe import parse_recipe
+
+            parse_recipe({"model": {}, "stages": op.stages}, f"{where} on_policy")  # refuses a bad stage now
         return op
 
-    def sampling(self, round_: int) -> Sampling:
-        return Sampling(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.seed * 1000 + round_)
+    def sampling(self, round_: int, seed: int = 0) -> Sampling:
+        return Sampling(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed * 1000 + round_)
 
 
-def round_recipe(recipe, model: dict, path: Path) -> Path:
-    """The recipe of one round as a file: the run's stages and settings, this round's starting model."""
+def round_recipe(recipe, model: dict, path: Path, stages: list | None = None) -> Path:
+    """The recipe of one round as a file: the run's settings, the round's stages (default the recipe's)
+    and its starting model."""
     raw = {f.name: getattr(recipe, f.name) for f in fields(recipe) if f.name not in ("source", "on_policy", "stages")}
     raw["model"] = model
-    raw["stages"] = [asdict(st) for st in recipe.stages]
+    raw["stages"] = stages if stages is not None else [asdict(st) for st in recipe.stages]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -122,25 +130,26 @@ def run_rounds(recipe_path: Path, teacher: Path, cache: str, out: Path, data: Pa
     summary = {"recipe": str(recipe_path), "teacher": str(teacher), "base_cache": str(cache), "data": str(data),
                "on_policy": asdict(op), "rounds": []}
 
-    def train(rnd: Path, model: dict, round_cache) -> Path:
+    def train(rnd: Path, model: dict, round_cache, stages=None) -> Path:
         student = rnd / "student"
         if not (student / "model" / "config.json").is_file():
-            train_student_run(round_recipe(recipe, model, rnd / "recipe.yaml"), round_cache, student, val=val,
+            train_student_run(round_recipe(recipe, model, rnd / "recipe.yaml", stages), round_cache, student, val=val,
                               max_steps=max_steps, seed=seed)
         return student / "model"
 
+    gseed = op.seed if op.seed is not None else seed if seed is not None else recipe.seed
     model = train(out / "round-0", recipe.model, cache)
     summary["rounds"].append({"round": 0, "cache": str(cache), "student": str(model)})
     for r in range(1, op.rounds + 1):
         rnd = out / f"round-{r}"
-        chosen = on_policy_rows(n_rows, op.fraction, op.seed, r)
+        chosen = on_policy_rows(n_rows, op.fraction, gseed, r)
         console.print(f"round {r}/{op.rounds}: the student answers {len(chosen)} of {n_rows} prompts")
-        gen = run_generate(GenerateJob(model, data, rnd / "answers.jsonl", op.sampling(r), op.backend,
+        gen = run_generate(GenerateJob(model, data, rnd / "answers.jsonl", op.sampling(r, gseed), op.backend,
                                        only_rows=chosen))
         counts = mixed_manifest(data, rnd / "answers.jsonl", chosen, rnd / "data.jsonl")
         round_cache = rnd / "cache"
         run_cache_job(CacheJob(teacher, rnd / "data.jsonl", round_cache, settings, op.teacher_backend, val=val))
-        model = train(rnd, {"path": str(model)}, round_cache)
+        model = train(rnd, {"path": str(model)}, round_cache, op.stages)
         summary["rounds"].append({"round": r, "answers": str(rnd / "answers.jsonl"), "generation": gen["counts"],
                                   "data": counts, "cache": str(round_cache), "student": str(model)})
     (out / "rounds.json").write_text(json.dumps(summary, indent=1))

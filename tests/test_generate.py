@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +365,33 @@ def test_seq_kd_through_vllm(trained_tiny_teacher, shapes_dir, tmp_path, vllm_en
     recipe.write_text(json.dumps({"name": "seqkd", "model": _student_spec(), "eval_every": 1000, "save_every": 1000,
                                   "stages": [{"name": "kd", "steps": 5, "batch_size": 4, "losses": {"ce": 1.0, "res": 1.0}}]}))
     assert (train_student_run(recipe, cache, tmp_path / "run").model_dir / "config.json").is_file()
+
+
+def test_killed_cli_job_resumes_exactly_once(trained_tiny_teacher, prompts, tmp_path):
+    """`vlmkd generate` killed with SIGKILL once its first batches are recorded; the re-run answers the
+    rest, and the files equal an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--model", str(trained_tiny_teacher), "--data", str(prompts), "--n", "2", "--temperature", "1.0",
+            "--max-new-tokens", "6", "--seed", str(SEED % 1000), "--batch-size", "2", "--backend", "hf", "--threads", "1"]
+    cli = [str(Path(sys.executable).with_name("vlmkd")), "generate"]
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    subprocess.run(cli + args + ["--out", str(whole)], check=True, capture_output=True)
+    proc = subprocess.Popen(cli + args + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = paths(part)["state"]
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["cursor"] >= 4:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    st = json.loads(state.read_text())
+    assert st["state"] == "running" and 0 < st["cursor"] < len(json.loads(prompts.read_text())), st
+    subprocess.run(cli + args + ["--out", str(part)], check=True, capture_output=True)
+    assert part.read_bytes() == whole.read_bytes()
+    assert paths(part)["rejects"].read_bytes() == paths(whole)["rejects"].read_bytes()

@@ -85,3 +85,28 @@ def test_chat_template_and_processor_give_our_token_ids(shapes_dir, tmp_path):
         text = proc.apply_chat_template(msgs, tokenize=False)
         ref = proc(images=[Image.open(s.image).convert("RGB")], text=[text], add_special_tokens=False)
         assert ref["input_ids"][0] == enc.input_ids.tolist(), pos
+
+
+def test_llava_saved_under_the_hub_checkpoint_names(hf_tok, shapes_dir, tmp_path):
+    """A LLaVA model is saved as LLaVA checkpoints are (`vision_tower.vision_model.*`, which vLLM's
+    loader needs) and reads back into transformers with the same logits; the cache's copy of the
+    tower (`vision_weights`) loads into the module."""
+    from safetensors import safe_open
+
+    from vlmkd.cache.writer import vision_weights
+    from vlmkd.models.parts import vision_tower
+
+    model = build_model(TINY_LLAVA, hf_tok)
+    batch, _ = _batch(model, hf_tok, shapes_dir)
+    with torch.no_grad():
+        a = model(**model_inputs(batch)).logits
+    out = save_model(model, hf_tok, tmp_path / "llava")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    tower = [k for k in keys if k.startswith("vision_tower.")]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    m2 = AutoModelForImageTextToText.from_pretrained(str(out))
+    with torch.no_grad():
+        assert torch.equal(a, m2(**model_inputs(batch)).logits)
+    state = {k: torch.from_numpy(v) for k, v in vision_weights(out).items()}
+    vision_tower(m2).load_state_dict(state)  # strict: every name the module has, and no other

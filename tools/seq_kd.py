@@ -66,6 +66,8 @@ def main() -> None:
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": {}}
     results.update(generation=gen["counts"], generation_seconds=gen["seconds"], teacher_answer_agreement=agree,
                    wall_generate_seconds=t_gen)
+    if "teacher" not in results:
+        results["teacher"] = evaluate_model(teacher, data / "test.json")["accuracy"]
     for name in args.rows.split(","):
         recipe, which = ROWS[name]
         rows = []
@@ -85,7 +87,7 @@ def main() -> None:
         results["rows"][name] = {"seeds": rows, "accuracy": mean_std([r["accuracy"] for r in rows]),
                                  "val_nll": mean_std([r["val_nll"] for r in rows])}
         out_json.write_text(json.dumps(results, indent=1))
-    print(f"\nteacher answers: {gen['counts']['answers']} in {gen['seconds']:.0f} s; {100 * agree:.1f} % match the data "
+    print(f"\nteacher test accuracy {results['teacher']:.3f}; teacher answers: {gen['counts']['answers']} in {gen['seconds']:.0f} s; {100 * agree:.1f} % match the data "
           "set's answer (first word)")
     print("\n| student | answers it learns | test accuracy | held-out NLL |\n| --- | --- | --- | --- |")
     for name, r in results["rows"].items():

@@ -78,7 +78,9 @@ def vision_weights(teacher: Path) -> dict[str, np.ndarray]:
 
     model_type = json.loads((Path(teacher) / "config.json").read_text())["model_type"]
     tower = part_names(model_type)[0]
-    prefixes = (f"model.{tower}.", f"{tower}.")
+    # LLaVA checkpoints on the hub (and vlmkd's, for vLLM) nest CLIP under `vision_model.`; the
+    # transformers module does not
+    prefixes = (f"model.{tower}.vision_model.", f"{tower}.vision_model.", f"model.{tower}.", f"{tower}.")
     files = sorted(Path(teacher).glob("*.safetensors"))
     out = {}
     for f in files:

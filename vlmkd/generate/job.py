@@ -97,10 +97,13 @@ def _resume(job: GenerateJob, files: dict[str, Path], fp: dict) -> dict | None:
     if state["state"] == "complete":
         return None
     for key in ("rows", "rejects"):
-        p = files[key]
+        p, size = files[key], state["bytes"][key]
+        if (p.stat().st_size if p.exists() else 0) < size:
+            raise DataError(f"{p} is shorter than {state_file.name} records ({size} bytes): answers were lost; pass "
+                            "--overwrite to start over")
         if p.exists():
             with p.open("r+b") as f:  # whatever a killed job wrote after its last recorded batch goes
-                f.truncate(state["bytes"][key])
+                f.truncate(size)
     return state
 
 

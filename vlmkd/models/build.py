@@ -11,6 +11,7 @@ config: `transformers.AutoModelForImageTextToText.from_pretrained(dir)` and vLLM
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -158,9 +159,31 @@ def save_model(model, tok, out: str | Path, state_dict: dict | None = None) -> P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+    if model.config.model_type == "llava":
+        _hub_vision_names(out)
     tok.save_pretrained(str(out))
     _save_processor(model.config, tok, out)
     return out
+
+
+def _hub_vision_names(out: Path) -> None:
+    """LLaVA weights under the names LLaVA checkpoints have (`vision_tower.vision_model.*`): transformers
+    5 saves the CLIP tower flat (`vision_tower.embeddings...`), which it reads back but vLLM's LLaVA
+    loader does not ("no module or parameter named 'vision_tower.embeddings'")."""
+    from safetensors.torch import load_file, save_file
+
+    def hub(key: str) -> str:
+        flat = key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
+        return "vision_tower.vision_model." + key[len("vision_tower."):] if flat else key
+
+    for f in sorted(out.glob("*.safetensors")):
+        state = load_file(str(f))
+        save_file({hub(k): v.contiguous() for k, v in state.items()}, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {hub(k): v for k, v in doc["weight_map"].items()}
+        index.write_text(json.dumps(doc, indent=2))
 
 
 def _save_processor(config, tok, out: Path) -> None:

@@ -69,7 +69,8 @@ def choose_backend(name: str, teacher: Path, what: str = "teacher backend") -> s
         return "hf"
     ok, why = vllm_available(teacher)
     if name == "vllm" and not ok:
-        raise CacheError(f"--backend vllm: {why}; install it with tools/install_vllm.sh or use --backend hf")
+        hint = "install it with tools/install_vllm.sh" if why.startswith("vLLM does not import") else "use --backend hf"
+        raise CacheError(f"--backend vllm: {why}; {hint}" + (" or use --backend hf" if "install" in hint else ""))
     chosen = "vllm" if ok else "hf"
     if name == "auto":
         console.print(f"{what}: {chosen} ({why})")

@@ -13,6 +13,7 @@ pass only when the `final` hidden point is asked). The manifest records which ba
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -29,11 +30,13 @@ from vlmkd.errors import CacheError
 from vlmkd.models.build import layout_of
 from vlmkd.teacher.hf_backend import Extraction, HFTeacher, keep_top_p, sample_head, scored_positions
 
-SUPPORTED = {"Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration"}
+# the architectures vlmkd's vLLM backend drives, and the vLLM module that implements each
+SUPPORTED = {"Idefics3ForConditionalGeneration": "idefics3", "LlavaForConditionalGeneration": "llava"}
 
 
 def vllm_available(model_dir) -> tuple[bool, str]:
-    """(usable, why): vLLM imports and knows the model's architecture."""
+    """(usable, why): vLLM imports, vlmkd drives the model's architecture, and vLLM's module for it
+    imports here (checked, not assumed: vLLM's LLaVA needs torchvision, which the CPU install lacks)."""
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or a broken install (e.g. a torchvision mismatch)
@@ -41,6 +44,11 @@ def vllm_available(model_dir) -> tuple[bool, str]:
     arch = (AutoConfig.from_pretrained(str(model_dir)).architectures or ["?"])[0]
     if arch not in SUPPORTED:
         return False, f"vLLM backend not wired for {arch} (supported: {sorted(SUPPORTED)})"
+    try:
+        importlib.import_module(f"vllm.model_executor.models.{SUPPORTED[arch]}")
+    except Exception as e:
+        return False, (f"vLLM's {arch} does not import here ({type(e).__name__}: {str(e)[:100]}); "
+                       "tools/install_vllm.sh --torchvision gives it torchvision")
     return True, f"vLLM imports and runs {arch}"
 
 

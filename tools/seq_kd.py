@@ -7,7 +7,9 @@ several seeds, 600 steps in all:
 - sft: ce on the data set's answers;            seq_kd_ce: ce on the teacher's answers (Kim & Rush);
 - mdist: ce + res + vis on the data set's;      seq_kd: ce + res + vis on the teacher's answers;
 - on_policy: pipelines/on_policy.yaml (300 steps of mdist, then one round: the student samples
-  answers for half the prompts, the teacher scores them, 300 steps of res + vis).
+  answers for half the prompts, the teacher scores them, 300 steps of res + vis);
+- two_stage_off: the same two stages with no round (the data set's answers throughout): the control
+  that separates the on-policy data from the round's schedule and terms.
 Test accuracy (first word) and held-out NLL of the data set's validation answers, mean and sample SD.
 
     python tools/seq_kd.py --demo DIR --out OUT [--seeds 3] [--rows sft,seq_kd_ce,mdist,seq_kd,on_policy]
@@ -20,6 +22,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +41,19 @@ from vlmkd.train.student import train_student_run  # noqa: E402
 
 PIPES = ROOT / "pipelines"
 ROWS = {"sft": ("sft.yaml", "data"), "seq_kd_ce": ("sft.yaml", "teacher"), "mdist": ("mdist.yaml", "data"),
-        "seq_kd": ("seq_kd.yaml", "teacher"), "on_policy": ("on_policy.yaml", "data")}
+        "seq_kd": ("seq_kd.yaml", "teacher"), "on_policy": ("on_policy.yaml", "data"),
+        # on_policy.yaml's two stages with no round: the same schedule and terms, the data set's answers only
+        "two_stage_off": ("two_stage_off.yaml", "data")}
+
+
+def two_stage_off(out: Path) -> Path:
+    """on_policy.yaml's round-0 stage and then its round stage, both on the data set's cache."""
+    raw = yaml.safe_load((PIPES / "on_policy.yaml").read_text())
+    op = raw.pop("on_policy")
+    raw.update(name="two_stage_off", model=str(PIPES / raw["model"]), stages=raw["stages"] + op["stages"])
+    path = out / "two_stage_off.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def last_eval(run: Path) -> dict:
@@ -77,7 +93,8 @@ def main() -> None:
                 s = run_rounds(PIPES / recipe, teacher, str(base), run, seed=seed)
                 model, metrics = Path(s["rounds"][-1]["student"]), Path(s["rounds"][-1]["student"]).parent
             else:
-                res = train_student_run(PIPES / recipe, base if which == "data" else t_cache, run,
+                path = two_stage_off(args.out) if name == "two_stage_off" else PIPES / recipe
+                res = train_student_run(path, base if which == "data" else t_cache, run,
                                         val=data / "val.json", seed=seed)
                 model, metrics = res.model_dir, run
             sc = evaluate_model(model, data / "test.json")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlmkd.cache.manifest import weights_fingerprint
 from vlmkd.data.manifest import Sample, read_manifest
 from vlmkd.errors import DataError, RecipeError
 from vlmkd.generate.engines import HFEngine, Sampling
@@ -66,6 +67,7 @@ def test_rows_keep_their_format_and_provenance(trained_tiny_teacher, prompts, tm
         orig = src[g["prompt_id"]]
         assert sid == f"{g['prompt_id']}-g0" and g["prompt_row"] == raw.index(orig)
         assert g["engine"] == "hf" and g["temperature"] == 0 and g["n"] == 1 and g["finish"] in ("stop", "length")
+        assert g["model_sha256"] == weights_fingerprint(trained_tiny_teacher)
         assert set(orig) - {"rejected"} <= set(row)  # the row's own keys (its schema) are all still there
     assert written["multi-g0"]["conversations"][:3] == src["multi"]["conversations"][:3]
     assert written["multi-g0"]["generation"]["replaced"] == "blue"

@@ -73,9 +73,10 @@ def budget(it: Item, sampling: Sampling, max_length: int) -> int:
 
 
 def completion(ids: list[int], tok) -> Completion:
-    if tok.eou_id in ids:
-        return Completion(ids[: ids.index(tok.eou_id)], tok.decode(ids[: ids.index(tok.eou_id)]).strip(), "stop")
-    return Completion(list(ids), tok.decode(ids).strip(), "length")
+    """New tokens cut at the end-of-turn marker (`stop`), or all of them when the budget ran out (`length`)."""
+    stop = tok.eou_id in ids
+    ids = ids[: ids.index(tok.eou_id)] if stop else list(ids)
+    return Completion(ids, tok.decode(ids).strip(), "stop" if stop else "length")
 
 
 class HFEngine:

@@ -129,7 +129,7 @@ def run_generate(job: GenerateJob, engine=None) -> dict:
         task = p.add_task(f"generate ({engine.name})", total=n_rows, completed=state["cursor"], unit="rows")
         for b0 in range(state["cursor"], n_rows, bs):
             chunk = range(b0, min(b0 + bs, n_rows))
-            lines, rejects = _batch(engine, job, rows, chunk, cols, src_root, dst_root, c)
+            lines, rejects = _batch(engine, job, rows, chunk, cols, src_root, dst_root, c, fp["model_sha256"])
             with files["rows"].open("ab") as f:
                 f.write(lines)
                 f.flush()
@@ -168,7 +168,7 @@ def run_generate(job: GenerateJob, engine=None) -> dict:
 
 
 def _batch(engine, job: GenerateJob, rows: list, chunk: range, cols, src_root: Path, dst_root: Path,
-           c: dict) -> tuple[bytes, bytes]:
+           c: dict, model_sha256: str) -> tuple[bytes, bytes]:
     """The written rows and reject records of one batch of rows (JSONL bytes each); counts updated."""
     s = job.sampling
     rejects, asked = [], []
@@ -197,7 +197,8 @@ def _batch(engine, job: GenerateJob, rows: list, chunk: range, cols, src_root: P
     c["rejected_rows"] += len(rejects)
     answers = engine.answer(items, [i for i, _, _ in kept], s) if items else []
     out = []
-    fp_model = {"model": str(Path(job.model).resolve()), "engine": engine.name, **s.to_dict()}
+    fp_model = {"model": str(Path(job.model).resolve()), "model_sha256": model_sha256, "engine": engine.name,
+                **s.to_dict()}
     for (i, raw, sample), comps in zip(kept, answers, strict=True):
         c["prompts"] += 1
         replaced = replaced_answer(raw, cols)

@@ -42,10 +42,10 @@ def answer_scores(model, tok, layout, samples: list, batch_size: int = 32) -> li
         chunk = items[s: s + batch_size]
         logits = model(**model_inputs(collate(chunk, layout, tok.pad_id))).logits
         for b, it in enumerate(chunk):
-            last = np.zeros_like(it.enc.labels_mask)
             idx = np.flatnonzero(it.enc.labels_mask)
             # the last answer's tokens: the final run of response positions
-            start = idx[np.flatnonzero(np.diff(idx) > 1)[-1] + 1] if np.any(np.diff(idx) > 1) else idx[0]
+            start = idx[np.r_[0, np.flatnonzero(np.diff(idx) > 1) + 1][-1]]
+            last = np.zeros_like(it.enc.labels_mask)
             last[start:idx[-1] + 1] = True
             out.append(float(response_logprobs(logits[b], replace(it.enc, labels_mask=last)).mean()))
     return out

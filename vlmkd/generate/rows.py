@@ -24,15 +24,11 @@ def answered_row(raw: dict, cols: Columns, answer: str, new_id: str, src_root: P
     the input row is dropped: it was the wrong answer to the data set's answer, not to this one."""
     row = copy.deepcopy(raw)
     row.pop("rejected", None)
-    convs = _first(row, cols.messages)
-    if convs is None:  # alpaca: the output column holds the answer
+    conv = _conversation(row, cols)
+    if conv is None:  # alpaca: the output column holds the answer
         row[cols.response] = answer
     else:
-        key = next(k for k in cols.messages if k in row)
-        role_key = next(k for k in cols.role_tag if k in convs[0])
-        text_key = next(k for k in cols.content_tag if k in convs[0])
-        roles = [_role(t[role_key], cols, "row") for t in convs]
-        last_user = max(i for i, r in enumerate(roles) if r == "user")
+        key, convs, role_key, text_key, roles, last_user = conv
         name = _assistant_name(convs, roles, role_key, cols)
         old = convs[last_user + 1] if last_user + 1 < len(convs) else None
         content = [{"type": "text", "text": answer}] if old and isinstance(old[text_key], list) else answer
@@ -51,17 +47,27 @@ def rebased_row(raw: dict, cols: Columns, src_root: Path, dst_root: Path) -> dic
 
 def replaced_answer(raw: dict, cols: Columns) -> str | None:
     """The answer the data set gave for the prompt (the assistant turn after the last user turn)."""
-    convs = _first(raw, cols.messages)
-    if convs is None:
+    conv = _conversation(raw, cols)
+    if conv is None:
         return raw.get(cols.response) or None
-    role_key = next(k for k in cols.role_tag if k in convs[0])
-    text_key = next(k for k in cols.content_tag if k in convs[0])
-    roles = [_role(t[role_key], cols, "row") for t in convs]
-    last_user = max(i for i, r in enumerate(roles) if r == "user")
+    _, convs, _, text_key, _, last_user = conv
     if last_user + 1 >= len(convs):
         return None
     value = convs[last_user + 1][text_key]
     return value if isinstance(value, str) else "".join(p.get("text", "") for p in value if isinstance(p, dict))
+
+
+def _conversation(row: dict, cols: Columns):
+    """(its key, the turns, their role and content keys, each turn's role, the last user turn's index)
+    of a conversation row; None for an alpaca row."""
+    convs = _first(row, cols.messages)
+    if convs is None:
+        return None
+    key = next(k for k in cols.messages if k in row)
+    role_key = next(k for k in cols.role_tag if k in convs[0])
+    text_key = next(k for k in cols.content_tag if k in convs[0])
+    roles = [_role(t[role_key], cols, "row") for t in convs]
+    return key, convs, role_key, text_key, roles, max(i for i, r in enumerate(roles) if r == "user")
 
 
 def _assistant_name(convs: list, roles: list[str], role_key: str, cols: Columns) -> str:

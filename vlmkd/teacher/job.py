@@ -69,8 +69,9 @@ def choose_backend(name: str, teacher: Path, what: str = "teacher backend") -> s
         return "hf"
     ok, why = vllm_available(teacher)
     if name == "vllm" and not ok:
-        hint = "install it with tools/install_vllm.sh" if why.startswith("vLLM does not import") else "use --backend hf"
-        raise CacheError(f"--backend vllm: {why}; {hint}" + (" or use --backend hf" if "install" in hint else ""))
+        fix = ("install it with tools/install_vllm.sh or use --backend hf" if why.startswith("vLLM does not import")
+               else "use --backend hf")
+        raise CacheError(f"--backend vllm: {why}; {fix}")
     chosen = "vllm" if ok else "hf"
     if name == "auto":
         console.print(f"{what}: {chosen} ({why})")

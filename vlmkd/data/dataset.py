@@ -27,15 +27,16 @@ from vlmkd.errors import DataError
 class Item:
     sample: Sample
     enc: Encoded
-    pixels: np.ndarray | None  # [3, S, S] uint8; None for a text-only sample
+    # [3, S, S] uint8 for a fixed-block family; a processor family's image inputs (`VisualInputs`);
+    # None for a text-only sample
+    pixels: np.ndarray | dict | None
 
 
 def one_image(sample: Sample) -> None:
-    """Refuse a sample with several images: the layouts vlmkd builds today take one per sample."""
+    """Refuse a sample with several images: the cache keeps one image per sample today."""
     if len(sample.images) > 1:
-        raise DataError(f"sample {sample.id}: {len(sample.images)} images; the model layouts vlmkd supports "
-                        "(idefics3, llava) take one image per sample today (several images per sample come with "
-                        "the per-family model layer)")
+        raise DataError(f"sample {sample.id}: {len(sample.images)} images; vlmkd's cache and data path take one "
+                        "image per sample today (several images per sample: not built yet)")
 
 
 def encode_samples(
@@ -51,8 +52,11 @@ def encode_samples(
     for s in samples:
         try:
             one_image(s)
-            enc = tokenizer.encode(s, with_answer=with_answer)
-            pixels = to_uint8(load_image(s.image, s.id), layout.pixels) if s.image is not None else None
+            if getattr(tokenizer, "reads_images", False):  # the processor makes ids and pixels together
+                enc, pixels = tokenizer.encode_item(s, with_answer=with_answer)
+            else:
+                enc = tokenizer.encode(s, with_answer=with_answer)
+                pixels = to_uint8(load_image(s.image, s.id), layout.pixels) if s.image is not None else None
             items.append(Item(s, enc, pixels))
         except DataError as e:
             if strict:
@@ -85,10 +89,24 @@ def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: boo
             lab[i, :n] = torch.from_numpy(it.enc.labels_mask)
         img[i, :n] = torch.from_numpy(it.enc.image_mask[:n])
     batch = {"input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img}
-    px = pixel_batch([it.pixels for it in items], layout)
-    if px is not None:
-        batch["pixel_values"] = px
+    batch.update(image_inputs([it.pixels for it in items], layout))
+    return with_token_types(batch, layout)
+
+
+def with_token_types(batch: dict, layout: Layout) -> dict:
+    """`mm_token_type_ids` (1 on image tokens, 0 elsewhere) for a family whose forward takes it."""
+    if layout.token_types:
+        batch["mm_token_type_ids"] = batch["image_mask"].long()
     return batch
+
+
+def image_inputs(pixels: Sequence, layout: Layout) -> dict:
+    """The forward's image inputs for the rows that have an image, in row order: `pixel_values` (and, for a
+    processor family, its other image inputs, e.g. `image_grid_thw`); empty when no row has one."""
+    if layout.visual is not None:
+        return layout.visual.batch(pixels) or {}
+    px = pixel_batch(pixels, layout)
+    return {} if px is None else {"pixel_values": px}
 
 
 def pixel_batch(pixels: Sequence[np.ndarray | None], layout: Layout) -> torch.Tensor | None:
@@ -101,9 +119,13 @@ def pixel_batch(pixels: Sequence[np.ndarray | None], layout: Layout) -> torch.Te
     return px.unsqueeze(1) if layout.arch == "idefics3" else px
 
 
+# every image input a family's forward takes (a batch holds those of its model's family)
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids")
+
+
 def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
     """The keys of a batch that the HF model's forward takes (moved to `device` when given)."""
-    keys = ("input_ids", "attention_mask", "pixel_values")
+    keys = ("input_ids", "attention_mask", *IMAGE_INPUTS)
     return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
 
 

@@ -1,5 +1,5 @@
 """What the data path needs to know of a model: its image block, token count and pixels. The model
-layer (`vlmkd.models.build.layout_of`) makes one from a config; data code only reads it."""
+family layer (`vlmkd.models.families`) makes one from a config; data code only reads it."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from vlmkd.data.images import PixelSpec
 
 @dataclass(frozen=True)
 class Layout:
-    """What the data path needs to know of a model: its image block, token count and pixels."""
+    """A fixed-block family (vlmkd's template: Idefics3, LLaVA) has `image_block`, `num_image_tokens`,
+    `pixels` and `patch_grid`; a processor family (the checkpoint's own processor decides the visual
+    tokens, any number per image) has those None and `visual` (its image inputs) and `processor` set."""
 
     arch: str
     image_token_id: int
-    num_image_tokens: int
-    image_block: list[int]
-    pixels: PixelSpec
+    num_image_tokens: int | None
+    image_block: list[int] | None
+    pixels: PixelSpec | None
     max_length: int
-    patch_grid: int  # visual tokens per side (the 2-D grid the image tokens come from)
+    patch_grid: int | None  # visual tokens per side (the 2-D grid the image tokens come from)
+    visual: object | None = None  # vlmkd.data.processor.VisualInputs
+    processor: object | None = None
+    # the forward takes `mm_token_type_ids` (1 on image tokens): Qwen's M-RoPE finds the images by it
+    token_types: bool = False

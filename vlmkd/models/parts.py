@@ -1,36 +1,42 @@
-"""The one place that knows where a VLM's parts live (vision tower, connector, language model, LM
-head) for each supported layout; everything else asks here."""
+"""Where a VLM's parts live (vision tower, connector, language model, LM head): asked of its family
+(`vlmkd.models.families`), so everything else reads them here."""
 
 from __future__ import annotations
 
 import torch
 
+from vlmkd.models.families import family_of
+from vlmkd.models.families.base import attr_path
+
 
 def part_names(model_type: str) -> tuple[str, str, str]:
-    """(vision tower, connector, language model): their attribute names under the model's `.model`,
-    which are also their names in a saved checkpoint (`model.NAME.…`)."""
-    if model_type == "idefics3":
-        return "vision_model", "connector", "text_model"
-    return "vision_tower", "multi_modal_projector", "language_model"
-
-
-def _names(model) -> tuple[str, str, str]:
-    return part_names(model.config.model_type)
+    """(vision tower, connector, language model): their dotted paths under the model's `.model`,
+    which are also their names in a saved checkpoint (`model.PATH.…`)."""
+    fam = family_of(model_type)
+    return fam.vision, fam.connector, fam.text
 
 
 def vision_tower(model) -> torch.nn.Module:
-    return getattr(model.model, _names(model)[0])
+    return attr_path(model.model, part_names(model.config.model_type)[0])
 
 
 def connector(model) -> torch.nn.Module:
-    return getattr(model.model, _names(model)[1])
+    return attr_path(model.model, part_names(model.config.model_type)[1])
+
+
+def visual_tokens_module(model) -> torch.nn.Module:
+    """The module whose output is the visual tokens as the language model receives them."""
+    fam = family_of(model.config.model_type)
+    return attr_path(model.model, fam.visual_tokens_from or fam.connector)
 
 
 def text_model(model) -> torch.nn.Module:
-    return getattr(model.model, _names(model)[2])
+    return attr_path(model.model, part_names(model.config.model_type)[2])
 
 
 def parts_of(model) -> dict[str, torch.nn.Module]:
-    """The three trainable groups of a VLM: vision tower, projector (connector), LLM (with LM head)."""
+    """The three trainable groups of a VLM: vision tower, projector (connector), LLM (with LM head).
+    Where the connector sits inside the tower's module (Qwen's merger), `vision` includes it: freezing
+    the tower and training the projector (LLaVA-KD's DPT) works, since the groups are set in this order."""
     return {"vision": vision_tower(model), "projector": connector(model),
             "llm": torch.nn.ModuleList([text_model(model), model.lm_head])}

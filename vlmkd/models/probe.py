@@ -19,7 +19,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from vlmkd.errors import ModelError
-from vlmkd.models.parts import connector, text_model
+from vlmkd.models.parts import text_model, visual_tokens_module
 
 
 @dataclass
@@ -31,8 +31,11 @@ class Probe:
 def _attention_probs(module, hidden_states, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:
     B, T, _ = hidden_states.shape
     shape = (B, T, -1, module.head_dim)
-    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
+    q = module.q_proj(hidden_states).view(shape)
+    k = module.k_proj(hidden_states).view(shape)
+    if getattr(module, "q_norm", None) is not None:  # per-head query/key norms (Qwen3, Gemma 3), before RoPE
+        q, k = module.q_norm(q), module.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = repeat_kv(k, module.num_key_value_groups)
@@ -61,7 +64,7 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
         handles.append(layers[li].self_attn.register_forward_hook(hook, with_kwargs=True))
     for point in hidden_points:
         if point == "projector":
-            mod = connector(model)
+            mod = visual_tokens_module(model)
         elif point == "final":
             mod = tm.norm
         elif m := re.fullmatch(r"layer:(\d+)", point):
@@ -73,6 +76,8 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
             raise ModelError(f"unknown hidden point {point!r}; use projector, final or layer:i")
 
         def hhook(mod, args, result, point=point):
+            if getattr(result, "pooler_output", None) is not None:  # a tower's output (Qwen's merged tokens)
+                result = result.pooler_output
             out.hidden[point] = result[0] if isinstance(result, tuple) else result
 
         handles.append(mod.register_forward_hook(hhook))
@@ -83,16 +88,33 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
             h.remove()
 
 
+def equal_counts(image_mask: torch.Tensor) -> int:
+    """The one visual-token count of the batch's rows with an image; a batch whose rows differ (a
+    processor family's images of different sizes) is refused: the visual terms take equal counts today."""
+    counts = image_mask.sum(1)
+    counts = counts[counts > 0]
+    if len(counts) and bool((counts != counts[0]).any()):
+        raise ModelError(f"a batch with visual-token counts {sorted(set(counts.tolist()))}: the visual terms (vis "
+                         "rows excepted) take one count per batch today; resize the images to one size, or train "
+                         "with batch_size 1, or leave the visual terms out")
+    return int(counts[0]) if len(counts) else 0
+
+
+def visual_states(probe_out: Probe, point: str, image_mask: torch.Tensor) -> list[torch.Tensor]:
+    """[N_b, D] hidden states of each row's visual tokens at `point`, for the rows with an image, in row
+    order; N_b may differ per row (a processor family's image sizes)."""
+    h = probe_out.hidden[point]
+    counts = [int(c) for c in image_mask.sum(1) if int(c)]
+    if point == "projector":  # the connector's output: the visual tokens of all images in order
+        return list(h.reshape(-1, h.shape[-1]).split(counts))
+    return [h[b][image_mask[b]] for b in range(len(image_mask)) if bool(image_mask[b].any())]
+
+
 def visual_rows(probe_out: Probe, point: str, image_mask: torch.Tensor) -> torch.Tensor:
     """[B_v, N_v, D] hidden states of the visual tokens at `point`, for the B_v rows of the batch that
     have an image (text-only rows have none), in row order; every such row has N_v of them."""
+    n = equal_counts(image_mask)
     h = probe_out.hidden[point]
-    rows = image_mask.any(1)
-    bv = int(rows.sum())
-    if point == "projector":
-        # the connector's output is already one row per visual token: [images, N_v, D]
-        return h.reshape(bv, -1, h.shape[-1])
-    if bv == 0:
+    if n == 0:
         return h.new_zeros((0, 0, h.shape[-1]))
-    n = int(image_mask[rows][0].sum())
-    return h[image_mask].reshape(bv, n, h.shape[-1])
+    return torch.stack(visual_states(probe_out, point, image_mask))

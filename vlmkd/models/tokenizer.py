@@ -51,5 +51,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, image_position:
     return fast
 
 
+def train_family_tokenizer(texts: Iterable[str], tokens, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over `texts` with a model family's special tokens and chat template (`TokenSpec`):
+    a tokenizer that stands in for a checkpoint's (tiny test models, from-scratch students of the family)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(tokens.special),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["user assistant system\n", *texts], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tokens.pad, eos_token=tokens.eos,
+                                   bos_token=tokens.bos, additional_special_tokens=list(tokens.special),
+                                   model_max_length=32768)
+    fast.chat_template = tokens.chat_template
+    return fast
+
+
 def save_tokenizer(tok: PreTrainedTokenizerFast, out: str | Path) -> None:
     tok.save_pretrained(str(out))

@@ -20,7 +20,7 @@ from vlmkd.data.dataset import Item, collate, encode_samples, model_inputs
 from vlmkd.data.manifest import Turn
 from vlmkd.errors import RecipeError
 from vlmkd.models.build import data_tokenizer, load_model
-from vlmkd.models.probe import probe, visual_rows
+from vlmkd.models.probe import probe, visual_states
 
 # settings newer than the first caches: recorded only away from their defaults (the value every
 # older cache was made with), so those caches keep their fingerprint
@@ -177,7 +177,7 @@ class HFTeacher:
             logits = self.model(**model_inputs(batch)).logits
         out = []
         vis_row = np.cumsum(batch["image_mask"].any(1).numpy()) - 1  # row b's place among rows with an image
-        vis_states = ({point: visual_rows(pr, point, batch["image_mask"]) for point in s.hidden_points}
+        vis_states = ({point: visual_states(pr, point, batch["image_mask"]) for point in s.hidden_points}
                       if batch["image_mask"].any() else {})  # (a text-only batch runs no connector)
         for b, it in enumerate(items):
             enc = it.enc

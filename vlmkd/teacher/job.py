@@ -29,7 +29,8 @@ from vlmkd.data.dataset import encode_samples
 from vlmkd.data.manifest import Reject, Sample, describe
 from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
-from vlmkd.models.build import layout_of
+from vlmkd.models.build import layout_of, saved_processor
+from vlmkd.models.families import family_of
 from vlmkd.progress import bar, console
 from vlmkd.teacher.hf_backend import Extraction
 
@@ -204,14 +205,19 @@ def job_fingerprint(job: CacheJob, backend: str) -> dict:
     """What must agree for a resume (or parts being merged) to write the same cache."""
     cfg = AutoConfig.from_pretrained(str(job.teacher))
     hf_tok = AutoTokenizer.from_pretrained(str(job.teacher))
-    layout = layout_of(cfg, hf_tok)
+    fam = family_of(cfg.model_type)
+    proc = saved_processor(job.teacher) if fam.own_processor else None
+    layout = layout_of(cfg, hf_tok, proc)
+    # a processor family's visual tokens are its image processor's: recorded (only for those families,
+    # so the fingerprints of earlier caches stay as they were)
+    images = {"image_processor": json.loads(layout.processor.image_processor.to_json_string())} if proc else {}
     return {
         "format_version": fmt.FORMAT_VERSION,
         "teacher": {"model_type": cfg.model_type, "weights_sha256": weights_fingerprint(job.teacher),
                     "vocab_size": cfg.text_config.vocab_size, "hidden_size": cfg.text_config.hidden_size,
                     "num_layers": cfg.text_config.num_hidden_layers,
                     "num_heads": cfg.text_config.num_attention_heads,
-                    "num_visual_tokens": layout.num_image_tokens, "patch_grid": layout.patch_grid},
+                    "num_visual_tokens": layout.num_image_tokens, "patch_grid": layout.patch_grid, **images},
         "tokenizer_sha256": tokenizer_fingerprint(hf_tok),
         "chat_template": hf_tok.chat_template,
         "extraction": {**job.settings.to_dict(), "samples_per_shard": job.samples_per_shard,

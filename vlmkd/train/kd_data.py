@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.reader import CacheReader
-from vlmkd.data.dataset import pixel_batch
+from vlmkd.data.dataset import image_inputs, with_token_types
 from vlmkd.data.images import to_rgb, to_uint8
 from vlmkd.data.layout import Layout
 from vlmkd.data.select import accepts, lacks_field
@@ -26,14 +26,17 @@ from vlmkd.train.dist import dist_info
 from vlmkd.train.recipe import Stage
 
 
-def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray:
-    """The student's pixels from the image bytes in the shard, converted as the teacher's were (`to_rgb`)."""
+def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray | dict:
+    """The student's pixels from the image bytes in the shard, converted as the teacher's were (`to_rgb`):
+    [3, S, S] uint8 for a fixed-block family, the image processor's inputs for a processor family."""
     try:
         img = Image.open(io.BytesIO(blob))
         img.load()
         img = to_rgb(img)
     except Exception as e:
         raise CacheError(f"sample {sample}: the image in the cache cannot be decoded ({e})") from e
+    if layout.visual is not None:
+        return layout.visual.encode([img])
     return to_uint8(img, layout.pixels)
 
 
@@ -52,14 +55,17 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
                                      [s["visual"] for s in samples])
     T = ids.shape[1]
     for s in samples:
-        if int(s["visual"].sum()) not in (0, layout.num_image_tokens):
-            raise CacheError(f"sample {s['id']}: the cache has {int(s['visual'].sum())} visual tokens, the student "
-                             f"{layout.num_image_tokens}; train a student with the teacher's visual token count")
+        cached = int(s["visual"].sum())
+        if not cached:
+            continue
+        own = layout.visual.count(s["pixels"]) if layout.visual is not None else layout.num_image_tokens
+        if cached != own:
+            raise CacheError(f"sample {s['id']}: the cache has {cached} visual tokens, the student's image inputs make "
+                             f"{own}; train a student with the teacher's image processor and visual token count")
     batch = {"sample_ids": [s["id"] for s in samples],
              "input_ids": ids, "attention_mask": attn, "labels_mask": lab, "image_mask": img}
-    px = pixel_batch([s.get("pixels") for s in samples], layout)
-    if px is not None:
-        batch["pixel_values"] = px
+    batch.update(image_inputs([s.get("pixels") for s in samples], layout))
+    with_token_types(batch, layout)
     # the visual payloads (t_attn, t_qpos, t_qmask, t_hidden) are stacked over the rows with an image only
     visual = [s for s in samples if int(s["visual"].sum())]
     if "ids" in samples[0]:
@@ -94,13 +100,14 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
     if visual and "attn" in visual[0]:
         Bv = len(visual)
         Q = max(len(s["qpos"]) for s in visual)
-        L, H, _, N = visual[0]["attn"].shape
+        L, H = visual[0]["attn"].shape[:2]
+        N = max(s["attn"].shape[-1] for s in visual)  # visual tokens vary per sample in processor families
         t_attn = torch.zeros((Bv, L, H, Q, N))
         qpos = torch.zeros((Bv, Q), dtype=torch.long)
         qmask = torch.zeros((Bv, Q), dtype=torch.bool)
         for i, s in enumerate(visual):
             q = len(s["qpos"])
-            t_attn[i, :, :, :q] = torch.from_numpy(s["attn"].astype(np.float32))
+            t_attn[i, :, :, :q, : s["attn"].shape[-1]] = torch.from_numpy(s["attn"].astype(np.float32))
             qpos[i, :q] = torch.from_numpy(s["qpos"])
             qmask[i, :q] = True
         batch.update(t_attn=t_attn.mean(2), t_qpos=qpos, t_qmask=qmask)
@@ -112,8 +119,13 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
                      t_pref_rejected=torch.tensor([float(s["pref_rejected_lp"].astype(np.float64).sum()) for s in samples]))
     if "pooled_text" in samples[0]:
         batch["t_text"] = torch.from_numpy(np.stack([s["pooled_text"].astype(np.float32) for s in samples]))
+    if visual:
+        batch["t_vcount"] = torch.tensor([int(s["visual"].sum()) for s in visual])
     if visual and "hidden" in visual[0]:
-        batch["t_hidden"] = torch.from_numpy(np.stack([s["hidden"].astype(np.float32) for s in visual]))
+        n = max(s["hidden"].shape[1] for s in visual)  # [P, N, D] each; zero past a row's own N (t_vcount)
+        batch["t_hidden"] = torch.from_numpy(np.stack([np.pad(s["hidden"].astype(np.float32),
+                                                              ((0, 0), (0, n - s["hidden"].shape[1]), (0, 0)))
+                                                       for s in visual]))
     return batch
 
 

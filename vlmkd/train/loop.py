@@ -121,8 +121,9 @@ def set_trainable(model, parts: list[str]) -> list[torch.nn.Parameter]:
     for name, mod in parts_of(model).items():
         if name in parts:
             for p in (trainable_llm_parameters(mod) if name == "llm" and has_lora(model) else mod.parameters()):
-                p.requires_grad_(True)
-                params.append(p)
+                if not p.requires_grad:  # (a connector inside the tower's module is in both groups)
+                    p.requires_grad_(True)
+                    params.append(p)
     return params
 
 

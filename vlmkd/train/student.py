@@ -17,7 +17,8 @@ from vlmkd.data.layout import Layout
 from vlmkd.data.rejects import RejectLog
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import RecipeError
-from vlmkd.models.build import build_model, data_tokenizer, load_model
+from vlmkd.models.build import attach_processor, build_model, data_tokenizer, load_model, saved_processor
+from vlmkd.models.families import family_of
 from vlmkd.models.lora import LoraSpec, add_lora
 from vlmkd.progress import bar
 from vlmkd.train.cross import Retokenizer, vocab_map
@@ -71,6 +72,11 @@ def _student(recipe, cache: Path, manifest: dict):
         if spec.get("vision_from") == "teacher":
             spec = {**spec, "vision_from": teacher}
         model = build_model(spec, hf_tok)
+        if family_of(model.config.model_type).own_processor:  # the teacher's processor: the same visual tokens
+            proc = saved_processor(tok_dir)
+            if proc is not None and type(proc).__name__ == type(family_of(model.config.model_type).processor(
+                    model.config, hf_tok)).__name__:
+                attach_processor(model, proc)
     if lora is not None:
         if any(st.qat for st in recipe.stages) or any(st.upcycle for st in recipe.stages):
             raise RecipeError("model.lora trains adapters on a dense float LLM: not with qat or upcycle stages")

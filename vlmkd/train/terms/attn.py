@@ -9,6 +9,7 @@ import torch
 
 from vlmkd.errors import RecipeError
 from vlmkd.losses import attention_kd
+from vlmkd.models.probe import equal_counts
 from vlmkd.train.layer_map import layer_pairs
 from vlmkd.train.terms.base import Setup, Step, Term
 
@@ -67,7 +68,7 @@ class Attn(Term):
             p = s.probe.attn[li].mean(1)[vr]  # [B_v, T, T], heads averaged as the cache stores them
             B = p.shape[0]
             rows = p[torch.arange(B)[:, None], qpos]  # [B_v, Q, T]
-            n = int(image_mask[0].sum())
+            n = equal_counts(image_mask)
             vis_idx = image_mask.nonzero()[:, 1].reshape(B, n)
             maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
         s_maps = torch.stack(maps, 1)[:, self.student_idx]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmkd.data.dataset import IMAGE_INPUTS
 from vlmkd.losses import preference_kd
 from vlmkd.train.terms.base import Setup, Step, Term
 
@@ -28,8 +29,8 @@ class Pref(Term):
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch
         chosen = sequence_logprob(s.logits, b["input_ids"], b["labels_mask"])
-        r_logits = s.model(input_ids=b["r_input_ids"], attention_mask=b["r_attention_mask"],
-                           pixel_values=b["pixel_values"]).logits
+        images = {k: b[k] for k in IMAGE_INPUTS if k in b}
+        r_logits = s.model(input_ids=b["r_input_ids"], attention_mask=b["r_attention_mask"], **images).logits
         rejected = sequence_logprob(r_logits, b["r_input_ids"], b["r_labels_mask"])
         return preference_kd(chosen, rejected, b["t_pref_chosen"], b["t_pref_rejected"], beta=self.opts.pref_beta)
 

@@ -1,0 +1,146 @@
+"""Tokenisation and pixels through the checkpoint's own processor and chat template.
+
+For a model family whose visual tokens the processor decides (Qwen2-VL's dynamic resolution: one token
+per 2 x 2 patches of the resized image, so any count per image), the ids, label mask and pixels are
+what `processor.apply_chat_template` + `processor(text, images)` give, byte for byte: the teacher is
+scored, cached and the student trained on the prompt format the checkpoint was trained on.
+
+The label mask is exact without offset arithmetic: for each assistant turn the conversation before it
+(with the generation prompt) and through it are rendered and processed; the template must be prefix-
+stable (the longer conversation starts with the shorter one's ids: every chat template vlmkd knows
+is), which is checked, so a template that renders an earlier turn differently later is refused rather
+than mislabelled. The response tokens are the assistant turn's tokens after the generation prompt up
+to and including its end-of-turn marker; whitespace after the marker (Qwen's newline) is not learnt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlmkd.data.images import load_image
+from vlmkd.data.manifest import IMAGE_PLACEHOLDER, Sample
+from vlmkd.data.template import Encoded
+from vlmkd.errors import DataError
+
+
+@dataclass(frozen=True)
+class VisualInputs:
+    """A family's image inputs: the processor's per-image tensors (e.g. Qwen's flattened patches and
+    `image_grid_thw`), how many visual tokens they make, and how rows of them batch (concatenated in
+    row order, as the model reads them)."""
+
+    image_processor: object
+    count: Callable[[dict], int]  # visual tokens the model places for one sample's inputs
+    keys: tuple[str, ...]  # the forward's image inputs, in the batch under these names
+
+    def encode(self, images: Sequence) -> dict[str, torch.Tensor]:
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return {k: out[k] for k in self.keys}
+
+    def batch(self, rows: Sequence[dict | None]) -> dict[str, torch.Tensor] | None:
+        real = [r for r in rows if r is not None]
+        if not real:
+            return None
+        return {k: torch.cat([r[k] for r in real]) for k in self.keys}
+
+
+def messages_of(turns) -> list[dict]:
+    """vlmkd's turns as chat-template messages: `<image>` placeholders become image parts where they
+    stand, the text around them stripped text parts (the structure every family's template reads, as
+    transformers' own examples write it: `[{"type": "image"}, {"type": "text", "text": "Describe it."}]`)."""
+    out = []
+    for t in turns:
+        parts = []
+        for j, piece in enumerate(t.text.split(IMAGE_PLACEHOLDER)):
+            if j:
+                parts.append({"type": "image"})
+            if piece.strip() or (t.role == "assistant" and j == 0):
+                parts.append({"type": "text", "text": piece.strip()})
+        out.append({"role": t.role, "content": parts})
+    return out
+
+
+class ProcessorEncoder:
+    """The data path's tokenizer for processor families: same interface as `template.Tokenizer`
+    (`encode`, `pad_id`, `hf`, `decode`), and it also reads the sample's images (`reads_images`)."""
+
+    reads_images = True
+
+    def __init__(self, processor, visual: VisualInputs, image_token_id: int, max_length: int):
+        self.processor = processor
+        self.hf = processor.tokenizer
+        self.visual = visual
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else 0
+        self.eou_id = self.hf.eos_token_id
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str, images: list) -> list[int]:
+        out = self.processor(text=[text], images=images or None, return_tensors="np")
+        return out["input_ids"][0].tolist()
+
+    def encode_item(self, sample: Sample, with_answer: bool = True) -> tuple[Encoded, dict | None]:
+        """(Encoded, the processor's image inputs or None): ids, label mask and pixels from one
+        `processor(...)` call over the whole conversation, the mask from its prefixes."""
+        turns = list(sample.turns)
+        if not with_answer:
+            turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
+        images = [load_image(p, sample.id) for p in sample.images]
+        messages = messages_of(turns)
+        placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
+        if placeholders != len(images):
+            raise DataError(f"sample {sample.id}: {len(images)} images and {placeholders} {IMAGE_PLACEHOLDER} "
+                            "placeholders in its turns; give each image one placeholder")
+        text = self._render(messages, generation_prompt=not with_answer)
+        out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        ids = out["input_ids"][0].numpy().astype(np.int64)
+        if len(ids) > self.max_length:
+            raise DataError(f"sample {sample.id}: {len(ids)} tokens, longer than the model's {self.max_length}; "
+                            "shorten it, make its images smaller (the processor's max_pixels) or raise the model's "
+                            "max_position_embeddings")
+        labels = np.zeros(len(ids), dtype=bool)
+        if with_answer:
+            for i, t in enumerate(turns):
+                if t.role == "assistant":
+                    start, end = self._span(messages, i, turns, images, ids, sample.id)
+                    labels[start:end] = True
+        visual = {k: out[k] for k in self.visual.keys} if images else None
+        image_mask = ids == self.image_token_id
+        expected = self.visual.count(visual) if visual is not None else 0
+        if int(image_mask.sum()) != expected:
+            raise DataError(f"sample {sample.id}: {int(image_mask.sum())} image tokens after processing, the images "
+                            f"make {expected} (does the text contain a literal image token?)")
+        prompt_len = int(np.argmax(labels)) if labels.any() else len(ids)
+        return Encoded(sample.id, ids, labels, image_mask, prompt_len), visual
+
+    def _span(self, messages, i: int, turns, images, ids: np.ndarray, sample_id: str) -> tuple[int, int]:
+        """[start, end) of assistant turn i's response tokens in `ids`."""
+        n_img = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns[:i])
+        before = self._ids(self._render(messages[:i], True), images[:n_img])
+        through = self._ids(self._render(messages[: i + 1], False), images[:n_img])
+        for part in (before, through):
+            if len(part) > len(ids) or ids[: len(part)].tolist() != part:
+                raise DataError(f"sample {sample_id}: the chat template renders turn {i} differently inside the "
+                                "longer conversation, so its assistant tokens cannot be masked exactly; use a "
+                                "prefix-stable chat template")
+        end = len(through)
+        while end > len(before) and not self.hf.decode([int(ids[end - 1])]).strip():
+            end -= 1  # whitespace after the end-of-turn marker is the template's, not the answer's
+        return len(before), end
+
+    def encode(self, sample: Sample, with_answer: bool = True) -> Encoded:
+        return self.encode_item(sample, with_answer)[0]
+
+    def response_spans(self, sample: Sample):
+        raise DataError("keep_text (a cross-tokenizer student's alignment) is not built for processor-templated "
+                        "families yet; use a student with the teacher's tokenizer")
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)

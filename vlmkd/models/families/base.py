@@ -1,0 +1,94 @@
+"""What a model family tells vlmkd (`Family`), and the pieces families share."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """The special tokens and chat template a tokenizer of the family has: what a locally trained
+    tokenizer needs to stand in for the checkpoint's (the tests' tiny models, from-scratch students)."""
+
+    special: tuple[str, ...]
+    pad: str
+    eos: str
+    chat_template: str
+    bos: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    # dotted attribute paths under the model's `.model` (also their names in a checkpoint: `model.PATH.…`)
+    vision: str
+    connector: str
+    text: str
+    build: Callable  # (recipe `model:` section, tokenizer) -> a randomly initialised model
+    layout: Callable  # (config, tokenizer, processor or None) -> vlmkd.data.layout.Layout
+    processor: Callable  # (config, tokenizer) -> the processor a saved model of the family ships
+    # the ids and pixels come from the checkpoint's processor and chat template (`ProcessorEncoder`);
+    # False: vlmkd's own template, which the demo's models are saved with (and tested equal to)
+    own_processor: bool = False
+    tokens: TokenSpec | None = None
+    # the connector lives inside the vision tower's module (Qwen's merger): training `vision` trains it too,
+    # and a copied tower leaves it out (its output width is the language model's)
+    connector_in_vision: bool = False
+    extra_inputs: tuple[str, ...] = field(default_factory=tuple)  # forward inputs beside ids, mask, pixels
+    # the module whose output is the visual tokens as the language model receives them (the "projector"
+    # hidden point), when not the connector: Qwen2.5-VL's merger emits its tokens in window order and the
+    # tower's output (`pooler_output`) puts them back in image order
+    visual_tokens_from: str | None = None
+    after_save: Callable | None = None  # (saved model directory) -> None: rewrite what the family's loaders need
+
+
+def need_torchvision(family: str) -> None:
+    """transformers builds the processors of families with a video slot (Qwen2-VL, ...) only with
+    torchvision importable; without it say so and how to get it, rather than transformers' AttributeError."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:
+        from vlmkd.errors import ModelError
+
+        raise ModelError(f"the {family} processor needs torchvision (transformers' video processors), which does "
+                         f"not import here ({type(e).__name__}: {str(e)[:80]}); install vlmkd with "
+                         "`bash tools/install_vllm.sh .venv --torchvision`, or `pip install torchvision` matching your "
+                         "torch") from None
+
+
+def attr_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return functools.reduce(getattr, dotted.split("."), root)
+
+
+def llama_text_config(text: dict, tok, max_positions: int):
+    """The Llama language model of the demo's from-scratch families, from a recipe's `text:` section."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=text["hidden"],
+        intermediate_size=text.get("intermediate", 4 * text["hidden"]),
+        num_hidden_layers=text["layers"],
+        num_attention_heads=text["heads"],
+        num_key_value_heads=text.get("kv_heads", text["heads"]),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=text.get("tie_embeddings", False),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+def vit_config(spec: dict) -> dict:
+    """A square-input ViT's config keys (SigLIP, CLIP) from a recipe's `vision:` section."""
+    v = spec["vision"]
+    return dict(hidden_size=v["hidden"], intermediate_size=v.get("intermediate", 4 * v["hidden"]),
+                num_hidden_layers=v["layers"], num_attention_heads=v["heads"], image_size=spec.get("image_size", 96),
+                patch_size=v["patch"])

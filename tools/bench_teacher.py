@@ -1,5 +1,6 @@
 """Teacher backends side by side on the same samples: scored tokens/s of transformers and vLLM, their
-parity before any quantisation, and the cache bytes each writes.
+parity before any quantisation, and the cache bytes each writes. Any supported family: a backend that
+cannot run the teacher here (vLLM for a family it does not load) is left out with its reason.
 
 Throughput counts the scoring only (engine start-up is reported apart: it is paid once per job).
 Parity: per scored row, the top-k ids of both (ties aside), the largest |log-prob difference| on the
@@ -36,7 +37,7 @@ def main() -> None:
     from vlmkd.data.manifest import load_samples
     from vlmkd.teacher.hf_backend import Extraction, HFTeacher
     from vlmkd.teacher.job import CacheJob, run_cache_job
-    from vlmkd.teacher.vllm_backend import VLLMTeacher
+    from vlmkd.teacher.vllm_backend import VLLMTeacher, vllm_available
 
     settings = Extraction(topk=args.k, score_visual=True, attn_layers=[], hidden_points=[], gram=False,
                           batch_size=args.batch_size)
@@ -44,7 +45,11 @@ def main() -> None:
     samples = samples[: args.samples]
     rows = {}
     results = {}
-    for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):
+    vllm_ok, vllm_why = vllm_available(args.teacher)
+    backends = [("hf", HFTeacher)] + ([("vllm", VLLMTeacher)] if vllm_ok else [])
+    if not vllm_ok:
+        print(f"vllm left out: {vllm_why}")
+    for name, cls in backends:
         t = time.perf_counter()
         teacher = cls(args.teacher, settings)
         start = time.perf_counter() - t
@@ -63,7 +68,7 @@ def main() -> None:
             teacher.close()
         del teacher
     worst_lp, worst_tail, mismatched, total = 0.0, 0.0, 0, 0
-    for a, b in zip(rows["hf"], rows["vllm"], strict=True):
+    for a, b in zip(rows["hf"], rows.get("vllm", []), strict=False):
         for r in range(len(a["pos"])):
             total += 1
             sa, sb = set(a["ids"][r].tolist()), set(b["ids"][r].tolist())
@@ -74,7 +79,7 @@ def main() -> None:
             if common:
                 worst_lp = max(worst_lp, max(abs(la[i] - lb[i]) for i in common))
             worst_tail = max(worst_tail, abs(float(np.exp(a["tail"][r]) - np.exp(b["tail"][r]))))
-    parity = {"rows": total, "rows_with_other_topk_ids": mismatched,
+    parity = None if not vllm_ok else {"rows": total, "rows_with_other_topk_ids": mismatched,
               "max_abs_logprob_diff": worst_lp, "max_abs_tail_mass_diff": worst_tail}
     # cache bytes written by each backend through the whole job
     tmp = Path(tempfile.mkdtemp())
@@ -84,20 +89,22 @@ def main() -> None:
         if r.get("image") and not Path(r["image"]).is_absolute():
             r["image"] = str((args.data.parent / r["image"]).resolve())
     manifest.write_text(json.dumps(raw))
-    for name in ("hf", "vllm"):
+    for name in results:
         m = run_cache_job(CacheJob(args.teacher, manifest, tmp / name, settings, backend=name))
         results[name]["cache_bytes"] = sum(s["bytes"] for s in m["shards"])
     shutil.rmtree(tmp)
-    ratio = results["vllm"]["scored_tokens_per_s"] / results["hf"]["scored_tokens_per_s"]
+    ratio = results["vllm"]["scored_tokens_per_s"] / results["hf"]["scored_tokens_per_s"] if vllm_ok else None
     report = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads"
               + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
-              "teacher": str(args.teacher), "samples": len(samples), "k": args.k, "backends": results,
-              "vllm_over_hf": ratio, "parity": parity}
+              "teacher": str(args.teacher),
+              "model_type": json.loads((args.teacher / "config.json").read_text())["model_type"], "samples": len(samples), "k": args.k, "backends": results,
+              "vllm_over_hf": ratio, "parity": parity, "vllm_left_out": None if vllm_ok else vllm_why}
     print(f"{'backend':>8} {'startup s':>10} {'score s':>8} {'scored tok/s':>13} {'samples/s':>10} {'cache bytes':>12}")
     for name, r in results.items():
         print(f"{name:>8} {r['startup_s']:>10.1f} {r['score_s']:>8.2f} {r['scored_tokens_per_s']:>13,.0f} "
               f"{r['samples_per_s']:>10.1f} {r['cache_bytes']:>12,}")
-    print(f"vLLM / transformers: {ratio:.2f}x; parity: {parity}")
+    if vllm_ok:
+        print(f"vLLM / transformers: {ratio:.2f}x; parity: {parity}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

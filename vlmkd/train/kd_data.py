@@ -119,10 +119,8 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
                      t_pref_rejected=torch.tensor([float(s["pref_rejected_lp"].astype(np.float64).sum()) for s in samples]))
     if "pooled_text" in samples[0]:
         batch["t_text"] = torch.from_numpy(np.stack([s["pooled_text"].astype(np.float32) for s in samples]))
-    if visual:
-        batch["t_vcount"] = torch.tensor([int(s["visual"].sum()) for s in visual])
     if visual and "hidden" in visual[0]:
-        n = max(s["hidden"].shape[1] for s in visual)  # [P, N, D] each; zero past a row's own N (t_vcount)
+        n = max(s["hidden"].shape[1] for s in visual)  # [P, N, D] each; zero past a row's own N
         batch["t_hidden"] = torch.from_numpy(np.stack([np.pad(s["hidden"].astype(np.float32),
                                                               ((0, 0), (0, n - s["hidden"].shape[1]), (0, 0)))
                                                        for s in visual]))

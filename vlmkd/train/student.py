@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from vlmkd.cache.join import TeacherMix
 from vlmkd.cache.manifest import tokenizer_fingerprint
@@ -73,9 +73,10 @@ def _student(recipe, cache: Path, manifest: dict):
             spec = {**spec, "vision_from": teacher}
         model = build_model(spec, hf_tok)
         if family_of(model.config.model_type).own_processor:  # the teacher's processor: the same visual tokens
-            proc = saved_processor(tok_dir)
-            if proc is not None and type(proc).__name__ == type(family_of(model.config.model_type).processor(
-                    model.config, hf_tok)).__name__:
+            same_family = ((Path(tok_dir) / "config.json").is_file()
+                           and AutoConfig.from_pretrained(str(tok_dir)).model_type == model.config.model_type)
+            proc = saved_processor(tok_dir) if same_family else None
+            if proc is not None:
                 attach_processor(model, proc)
     if lora is not None:
         if any(st.qat for st in recipe.stages) or any(st.upcycle for st in recipe.stages):

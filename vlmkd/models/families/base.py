@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class Family:
     # the connector lives inside the vision tower's module (Qwen's merger): training `vision` trains it too,
     # and a copied tower leaves it out (its output width is the language model's)
     connector_in_vision: bool = False
-    extra_inputs: tuple[str, ...] = field(default_factory=tuple)  # forward inputs beside ids, mask, pixels
     # the module whose output is the visual tokens as the language model receives them (the "projector"
     # hidden point), when not the connector: Qwen2.5-VL's merger emits its tokens in window order and the
     # tower's output (`pooler_output`) puts them back in image order

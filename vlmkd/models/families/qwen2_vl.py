@@ -119,9 +119,7 @@ def processor_for(cls_name: str):
 
 QWEN2_VL = Family("qwen2_vl", ("qwen2_vl",), vision="visual", connector="visual.merger", text="language_model",
                   build=build_qwen2_vl, layout=layout, processor=processor_for("Qwen2VLProcessor"), own_processor=True,
-                  tokens=TOKENS, connector_in_vision=True, extra_inputs=("image_grid_thw",),
-                  visual_tokens_from="visual")
+                  tokens=TOKENS, connector_in_vision=True, visual_tokens_from="visual")
 QWEN2_5_VL = Family("qwen2_5_vl", ("qwen2_5_vl",), vision="visual", connector="visual.merger", text="language_model",
                     build=build_qwen2_5_vl, layout=layout, processor=processor_for("Qwen2_5_VLProcessor"),
-                    own_processor=True, tokens=TOKENS, connector_in_vision=True, extra_inputs=("image_grid_thw",),
-                  visual_tokens_from="visual")
+                    own_processor=True, tokens=TOKENS, connector_in_vision=True, visual_tokens_from="visual")

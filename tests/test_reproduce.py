@@ -1,14 +1,16 @@
 """The quick reproduction (issue: the proof): a small teacher, one cache, SFT vs KD students.
 
 About 9 minutes on 2 cores, so it runs where CI=true (CI sets it) or VLMKD_SLOW=1, and is skipped in a
-developer's quick `pytest` otherwise. It guards the project's headline with a calibrated gap, not just
-its sign: MDist must beat SFT by at least MIN_ACC_GAP in test accuracy and reach at most
-MAX_NLL_RATIO of SFT's held-out NLL. Calibration (docs/RESULTS.md, "Guard"): on this pipeline MDist
-leads SFT by 0.30 in accuracy with 1/3 of its NLL; over the full demo's teachers and seeds the smallest
-MDist lead measured is the 0.05 of the regression this test must catch (issue: the headline does not
-reproduce, MDist 0.597 vs SFT 0.534, NLL 0.323 vs 0.374). The thresholds sit between the two, with
-room for the spread of a teacher trained on another machine. Logit KD is within noise of SFT at this
-budget, so it is not asserted.
+developer's quick `pytest` otherwise. It guards the project's headline with calibrated gaps, not just
+a sign. The quick teacher is trained in the test's own environment, and how well it learns moves with
+the torch build (the same recipe and seed: 0.898 with the CPU torch, 0.676 with PyPI's CUDA build
+that the README installs, which runs on the CPU), so the guard asks what KD must give whatever the
+teacher: MDist must recover at least MIN_RECOVERED of the teacher's accuracy lead over SFT, lead SFT
+by at least MIN_ACC_GAP, and reach at most MAX_NLL_RATIO of SFT's held-out NLL. Calibration
+(docs/RESULTS.md, "Guard"): CPU torch: recovered 1.01, lead +0.36, NLL ratio 0.36; CUDA build: 0.86,
++0.16, 0.63; the regression this test must catch (issue: the headline does not reproduce, MDist 0.597
+vs SFT 0.534 from teacher B at 0.818, NLL 0.323 vs 0.374): 0.22, +0.06, 0.86. The thresholds sit between.
+Logit KD is within noise of SFT at this budget, so it is not asserted.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MIN_ACC_GAP = 0.15  # mdist - sft, test accuracy
-MAX_NLL_RATIO = 0.6  # mdist / sft, held-out NLL
+MIN_TEACHER_LEAD = 0.10  # teacher - sft, test accuracy: below it the quick teacher did not learn
+MIN_RECOVERED = 0.5  # (mdist - sft) / (teacher - sft)
+MIN_ACC_GAP = 0.10  # mdist - sft, test accuracy
+MAX_NLL_RATIO = 0.75  # mdist / sft, held-out NLL
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,10 +45,13 @@ def test_quick_reproduction_kd_beats_sft(tmp_path):
         assert (out / "students" / name / "seed0" / "model" / "config.json").is_file()
         assert res[name]["runs"] == 1
         assert res[name]["step_seconds"]["mean"] > 0
-    assert res["teacher"]["accuracy"] > res["sft"]["accuracy"]["mean"]  # room for the teacher to matter
     mdist, sft = res["mdist"], res["sft"]
-    print("quick reproduction:", {n: (res[n]["accuracy"]["mean"], res[n]["val_nll"]["mean"]) for n in ("sft", "mdist")})
-    assert mdist["accuracy"]["mean"] - sft["accuracy"]["mean"] >= MIN_ACC_GAP, (mdist["accuracy"], sft["accuracy"])
+    teacher, m, s = res["teacher"]["accuracy"], mdist["accuracy"]["mean"], sft["accuracy"]["mean"]
+    print("quick reproduction:", {"teacher": teacher, **{n: (res[n]["accuracy"]["mean"], res[n]["val_nll"]["mean"])
+                                                         for n in ("sft", "mdist")}})
+    assert teacher - s >= MIN_TEACHER_LEAD, f"the quick teacher ({teacher:.3f}) barely leads SFT ({s:.3f}): it did not learn"
+    assert (m - s) / (teacher - s) >= MIN_RECOVERED, (teacher, m, s)
+    assert m - s >= MIN_ACC_GAP, (mdist["accuracy"], sft["accuracy"])
     assert mdist["val_nll"]["mean"] <= MAX_NLL_RATIO * sft["val_nll"]["mean"], (mdist["val_nll"], sft["val_nll"])
     assert res["cost"]["cache_seconds"] > 0 and res["cost"]["teacher_forward_seconds"] > 0
     for f in ("RESULTS.md", "results.png", "curves.png"):

@@ -111,7 +111,7 @@ def test_stock_readers_open_the_cache_without_vlmkd(cache_dir):
         assert set(resp - 1) <= set(pos.tolist())
         h = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(sample["hidden.npy.zst"])))
         assert h.dtype == np.float16 and h.shape[:2] == (2, 9)
-        assert sample["image"][:4] == b"\x89PNG"
+        assert len(sample["image"]) == 1 and sample["image"][0][:4] == b"\x89PNG"
     assert n == manifest_samples(manifest) > 0
 
 
@@ -284,6 +284,41 @@ def test_unknown_format_version_is_refused(cache_dir, tmp_path):
     write_manifest(d / "manifest.json", m)
     with pytest.raises(CacheError, match="version 99"):
         CacheReader(d)
+
+
+def test_a_format_1_cache_still_reads_and_trains(cache_dir, shapes_dir, tmp_path):
+    """Format 2 added one member (`images.bin`, for samples with several images) and a meta key
+    (`images`): a format-1 cache, which has neither, reads and trains as it always did."""
+    import shutil
+
+    import yaml
+    from conftest import TINY_IDEFICS3
+
+    from vlmkd.train.student import train_student_run
+
+    assert fmt.FORMAT_VERSION == 2 and 1 in fmt.KNOWN_VERSIONS
+    d = tmp_path / "v1"
+    shutil.copytree(cache_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 1
+    write_manifest(d / "manifest.json", m)
+    for sh in m["shards"]:  # a format-1 shard: no images.bin member, no `images` in any meta
+        with tarfile.open(d / sh["name"]) as tar:
+            for ti in tar:
+                assert not ti.name.endswith(".images.bin")
+                if ti.name.endswith(".meta.json"):
+                    assert "images" not in json.loads(tar.extractfile(ti).read())
+    samples = list(CacheReader(d, payloads=("tokens", "image")).samples())
+    assert samples and all(len(s["image"]) == 1 for s in samples if s["visual"].any())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "v1", "model": {**TINY_IDEFICS3, "vision_from": "teacher"},
+                                      "eval_every": 1000, "eval_samples": 4, "log_every": 1, "stages": [{
+                                          "name": "kd", "steps": 2, "lr": 1e-3, "batch_size": 4,
+                                          "trainable": ["projector", "llm"], "losses": {"ce": 1.0, "res": 1.0}}]}))
+    train_student_run(recipe, d, tmp_path / "run", val=shapes_dir / "val.json", seed=0)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert all(np.isfinite(r["loss_res"]) for r in rows if r["kind"] == "train")
 
 
 def test_a_flipped_byte_in_the_manifest_is_named(cache_dir, tmp_path):

@@ -1,8 +1,10 @@
-"""The model-family layer on the processor families (Qwen2-VL, Qwen2.5-VL): tiny random models built
-from each family's config class, with the family's special tokens in a locally trained tokenizer and
-its chat template. Ids, label masks and pixels equal the family processor's; the attention probe
-equals the model's own eager attentions; the transformers cache builds with per-sample visual-token
-counts; a student of the family trains from it and its export loads in plain transformers."""
+"""The model-family layer on the processor families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): tiny
+random models built from each family's config class, with the family's special tokens in a locally
+trained tokenizer and its chat template. Ids, label masks and pixels equal what the family processor's
+`apply_chat_template` gives; the attention probe equals the model's own eager attentions (Gemma 3's
+sliding windows and bidirectional image blocks included); the transformers cache builds with
+per-sample visual-token counts; a student of the family trains from it and its export loads in plain
+transformers; a batch of mixed counts gives the per-sample losses."""
 
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ from vlmkd.models.families import family_of, supported
 from vlmkd.models.probe import probe, visual_states
 from vlmkd.models.tokenizer import train_family_tokenizer
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
+DYNAMIC = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}  # any visual-token count per image (and the video slot: torchvision)
+# how each family's template writes an assistant turn: the text before its tokens, and its end-of-turn marker
+TURN = {"gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
+QWEN_TURN = ("<|im_start|>assistant\n", "<|im_end|>")
 
 
 def _torchvision_reason() -> str | None:
@@ -35,20 +41,18 @@ def _torchvision_reason() -> str | None:
     return None
 
 
-# transformers builds Qwen's processors only with torchvision (their video slot); the default install has
-# none (tools/install_vllm.sh), the --torchvision install has it: there these tests run
-needs_torchvision = pytest.mark.skipif(_torchvision_reason() is not None,
-                                       reason=f"Qwen processors need torchvision ({_torchvision_reason()}); "
-                                              "install with tools/install_vllm.sh .venv --torchvision")
 WORDS = ("what color is the shape circle square triangle red green blue yellow left right top bottom "
          "how many shapes are there one two three describe the image a small large").split()
 SIZES = [(96, 96), (200, 120), (40, 300), (1000, 700)]  # square, wide, tall, large (resized down)
 
 
 def _spec(arch: str, text_hidden: int = 64, layers: int = 2) -> dict:
-    return {"arch": arch, "max_positions": 1024,
+    # gemma3 reads image_size, kv_heads, sliding_window (shorter than a sample, so the probe meets it) and
+    # global_every; the Qwen families read none of them
+    return {"arch": arch, "max_positions": 1024, "image_size": 64,
             "vision": {"hidden": 32, "layers": 2, "heads": 2, "patch": 8, "merge": 2, "intermediate": 64},
-            "text": {"hidden": text_hidden, "layers": layers, "heads": 2, "intermediate": 2 * text_hidden}}
+            "text": {"hidden": text_hidden, "layers": layers, "heads": 2, "kv_heads": 1, "intermediate": 2 * text_hidden,
+                     "sliding_window": 12, "global_every": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,9 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request, tmp_path_factory):
     arch = request.param
+    if arch in DYNAMIC and _torchvision_reason() is not None:
+        pytest.skip(f"{arch}'s processor needs torchvision ({_torchvision_reason()}); install with "
+                    "tools/install_vllm.sh .venv --torchvision")
     tok = train_family_tokenizer([" ".join(WORDS)] * 4, family_of(arch).tokens, vocab_size=400)
     out = tmp_path_factory.mktemp(arch) / "model"
     save_model(build_model(_spec(arch), tok), tok, out)
@@ -86,11 +93,12 @@ def _samples(images) -> list[Sample]:
     return out
 
 
-def _reference_labels(ids: np.ndarray, tok) -> np.ndarray:
-    """Independent of the prefix method: every token after `<|im_start|>assistant\\n` up to and including
-    the next `<|im_end|>` (how Qwen's template writes an assistant turn)."""
-    head = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+def _reference_labels(ids: np.ndarray, tok, arch: str) -> np.ndarray:
+    """Independent of the prefix method: every token after the family's assistant-turn head (Qwen's
+    `<|im_start|>assistant\\n`, Gemma's `<start_of_turn>model\\n`) up to and including the next end-of-turn."""
+    head_text, end_text = TURN.get(arch, QWEN_TURN)
+    head = tok(head_text, add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids(end_text)
     lab = np.zeros(len(ids), dtype=bool)
     i = 0
     while i < len(ids):
@@ -104,13 +112,22 @@ def _reference_labels(ids: np.ndarray, tok) -> np.ndarray:
     return lab
 
 
+def _reference(proc, turns, images, generation_prompt=False):
+    """What the family's processor gives for a conversation, the way a user calls it: the images in
+    the messages, `apply_chat_template(..., tokenize=True)` (which also decides the BOS)."""
+    left = list(images)
+    msgs = [{**m, "content": [{**c, "image": left.pop(0)} if c["type"] == "image" else c for c in m["content"]]}
+            for m in messages_of(turns)]
+    return proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                    add_generation_prompt=generation_prompt)
+
+
 def test_an_unknown_model_type_is_refused_naming_the_supported_list():
-    with pytest.raises(ModelError, match="'gemma9' is not supported.*idefics3.*llava.*qwen2_5_vl.*qwen2_vl"):
+    with pytest.raises(ModelError, match="'gemma9' is not supported.*gemma3.*idefics3.*llava.*qwen2_5_vl.*qwen2_vl.*qwen3_vl"):
         family_of("gemma9")
-    assert {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl"} <= set(supported())
+    assert {"idefics3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"} <= set(supported())
 
 
-@needs_torchvision
 def test_ids_label_masks_and_pixels_equal_the_family_processor(family_model, images):
     from transformers import AutoProcessor
 
@@ -123,25 +140,37 @@ def test_ids_label_masks_and_pixels_equal_the_family_processor(family_model, ima
     counts = set()
     for s, it in zip(samples, items, strict=True):
         imgs = [Image.open(p).convert("RGB") for p in s.images]
-        text = proc.apply_chat_template(messages_of(s.turns), tokenize=False)
-        ref = proc(text=[text], images=imgs or None, return_tensors="pt")
+        ref = _reference(proc, s.turns, imgs)
         assert it.enc.input_ids.tolist() == ref["input_ids"][0].tolist(), s.id
-        np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok))
-        assert tok.decode(it.enc.input_ids[it.enc.labels_mask]).count("<|im_end|>") == len(s.exchanges())
+        np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch))
+        end = TURN.get(arch, QWEN_TURN)[1]
+        assert tok.decode(it.enc.input_ids[it.enc.labels_mask]).count(end) == len(s.exchanges())
         if imgs:
-            torch.testing.assert_close(it.pixels["pixel_values"], ref["pixel_values"], rtol=0, atol=0)
-            assert it.pixels["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+            assert set(it.pixels) == set(lay.visual.keys)
+            for k in lay.visual.keys:  # pixel_values (and Qwen's image_grid_thw), bit for bit
+                torch.testing.assert_close(it.pixels[k], ref[k], rtol=0, atol=0)
             counts.add(int(it.enc.image_mask.sum()))
         else:
             assert it.pixels is None and not it.enc.image_mask.any()
-    assert len(counts) == len(images)  # every image size gives its own visual-token count
+    # dynamic resolution: every image size gives its own visual-token count; else one count per image
+    assert len(counts) == (len(images) if arch in DYNAMIC else 1)
+    # several images in one sample, in two turns: each placed where its placeholder stands
+    two = Sample("two", (images[1], images[2]), (Turn("user", "<image> and <image>\nWhat color is the circle?"),
+                                                 Turn("assistant", "red"), Turn("user", "how many shapes are there?"),
+                                                 Turn("assistant", "two")))
+    it = encode_samples([two], enc, lay, strict=True)[0]
+    ref = _reference(proc, two.turns, [Image.open(p).convert("RGB") for p in two.images])
+    assert it.enc.input_ids.tolist() == ref["input_ids"][0].tolist()
+    np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch))
+    for k in lay.visual.keys:
+        torch.testing.assert_close(it.pixels[k], ref[k], rtol=0, atol=0)
+    one = {int(x.enc.image_mask.sum()) for x in items[1:3]}
+    assert int(it.enc.image_mask.sum()) == sum(int(x.enc.image_mask.sum()) for x in items[1:3]), one
     prompt = enc.encode(samples[0], with_answer=False)
-    text = proc.apply_chat_template(messages_of(samples[0].turns[:1]), tokenize=False, add_generation_prompt=True)
-    ref = proc(text=[text], images=[Image.open(images[0]).convert("RGB")], return_tensors="np")
+    ref = _reference(proc, samples[0].turns[:1], [Image.open(images[0]).convert("RGB")], generation_prompt=True)
     assert prompt.input_ids.tolist() == ref["input_ids"][0].tolist() and not prompt.labels_mask.any()
 
 
-@needs_torchvision
 def test_a_sample_whose_images_and_placeholders_disagree_is_refused(family_model, images):
     arch, path = family_model
     model, tok = load_model(path)
@@ -151,7 +180,6 @@ def test_a_sample_whose_images_and_placeholders_disagree_is_refused(family_model
         enc.encode(bad)
 
 
-@needs_torchvision
 def test_probe_equals_the_models_eager_attentions_and_visual_tokens(family_model, images):
     arch, path = family_model
     model, tok = load_model(path)
@@ -172,7 +200,7 @@ def test_probe_equals_the_models_eager_attentions_and_visual_tokens(family_model
             diff = (pr.attn[li][r][:, m][:, :, m] - ref[r][:, m][:, :, m]).abs().max()
             assert float(diff) <= 1e-5, (arch, li, r, float(diff))
     with torch.no_grad():
-        feats = model.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
+        feats = model.model.get_image_features(**{k: b[k] for k in lay.visual.keys}).pooler_output
     mine = visual_states(pr, "projector", b["image_mask"])
     assert [len(x) for x in mine] == [int(it.enc.image_mask.sum()) for it in items if it.pixels is not None]
     for a, ref in zip(mine, feats, strict=True):
@@ -194,6 +222,8 @@ def family_cache(family_model, images, tmp_path_factory):
     rows.append({"id": "t0", "conversations": [{"from": "human", "value": "how many shapes are there?"},
                                                {"from": "gpt", "value": "two"}]})
     rows.append({"id": "missing", "image": str(root / "nope.png"), "conversations": rows[0]["conversations"]})
+    rows.append({"id": "m0", "images": [str(images[0]), str(images[1])], "messages": [  # LLaMA-Factory, two images
+        {"role": "user", "content": "<image><image>What color is the circle?"}, {"role": "assistant", "content": "red"}]})
     (root / "train.json").write_text(json.dumps(rows))
     (root / "val.json").write_text(json.dumps(rows[:6]))
     settings = Extraction(topk=8, score_visual=True, attn_layers=[0, 1], hidden_points=["projector", "final"])
@@ -202,15 +232,14 @@ def family_cache(family_model, images, tmp_path_factory):
     return arch, path, root, out, summary
 
 
-@needs_torchvision
 def test_the_transformers_cache_builds_with_per_sample_visual_counts(family_cache, images):
     from vlmkd.cache.reader import CacheReader
 
     arch, path, root, out, summary = family_cache
-    reader = CacheReader(out, payloads=("tokens", "topk", "attn", "hidden"))
+    reader = CacheReader(out, payloads=("tokens", "topk", "attn", "hidden", "image"))
     samples = list(reader.samples(0))
-    counts_ = reader.manifest["counts"]  # 26 rows = 25 samples + 1 reject (the missing image)
-    assert len(samples) == 25 and counts_ == {"rows": 26, "samples": 25, "rejects": 1}
+    counts_ = reader.manifest["counts"]  # 27 rows = 26 samples + 1 reject (the missing image)
+    assert len(samples) == 26 and counts_ == {"rows": 27, "samples": 26, "rejects": 1}
     model, tok = load_model(path)
     enc, lay = data_tokenizer(model, tok)
     counts = {}
@@ -219,12 +248,17 @@ def test_the_transformers_cache_builds_with_per_sample_visual_counts(family_cach
         if s["id"].startswith("r"):
             assert n and s["hidden"].shape[:2] == (2, n) and s["attn"].shape[-1] == n
             counts.setdefault(int(s["id"][1:]) % 3, set()).add(n)
+        elif s["id"] == "m0":  # two images: both files in the shard as on disk, their tokens in one run each
+            assert s["image"] == [images[0].read_bytes(), images[1].read_bytes()]
+            assert s["hidden"].shape[:2] == (2, n) and s["attn"].shape[-1] == n
+            multi = n
         else:
             assert n == 0 and "hidden" not in s
-    assert len({next(iter(c)) for c in counts.values()}) == 3  # three image sizes, three counts
+    assert multi == next(iter(counts[0])) + next(iter(counts[1]))
+    # three image sizes: three counts under dynamic resolution, one otherwise
+    assert len({next(iter(c)) for c in counts.values()}) == (3 if arch in DYNAMIC else 1)
 
 
-@needs_torchvision
 @pytest.mark.parametrize("losses,args,batch", [
     ({"ce": 1.0, "res": 1.0, "vis": 1.0}, {}, 4),  # mixed visual-token counts in a batch
     ({"ce": 1.0, "res": 1.0, "rel": 1.0, "attn": 1.0, "feat": 1.0}, {"attn_kind": "mse", "attn_layers": [0]}, 1),
@@ -248,25 +282,74 @@ def test_a_student_of_the_family_trains_and_its_export_loads_and_generates(famil
     proc = AutoProcessor.from_pretrained(str(res.model_dir))
     assert type(proc).__name__ == type(AutoProcessor.from_pretrained(str(path))).__name__
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
-    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    inputs = proc(text=[text], images=[Image.new("RGB", (120, 80), (200, 30, 30))], return_tensors="pt")
+    msgs[0]["content"][0]["image"] = Image.new("RGB", (120, 80), (200, 30, 30))
+    inputs = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                      add_generation_prompt=True)
     gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     new = gen[0, inputs["input_ids"].shape[1]:]
     assert 1 <= len(new) <= 3 and (len(new) == 3 or int(new[-1]) == proc.tokenizer.eos_token_id)
 
 
-@needs_torchvision
-def test_a_mixed_count_batch_for_a_visual_row_term_is_refused_clearly(family_cache, tmp_path):
-    from vlmkd.train.student import train_student_run
+@pytest.mark.parametrize("attn_kind", ["mse", "kl"])
+def test_a_mixed_count_batch_gives_the_per_sample_losses_of_one_sample_batches(family_cache, attn_kind):
+    """Rows of several visual-token counts (three image sizes, a two-image row) and a text-only row in
+    one batch: each visual term equals its
+    one-sample batches combined as the term reduces an equal-count batch (rel, align: the row mean; feat,
+    vis: weighted by visual tokens; attn: by scored text queries); contrast (across the batch, so not
+    per sample) equals InfoNCE over each row's own mean visual state, computed here from the probe."""
+    from vlmkd.cache.reader import CacheReader
+    from vlmkd.losses import info_nce
+    from vlmkd.train.kd_data import collate_kd, student_pixels
+    from vlmkd.train.objectives import KDObjective, cache_facts
+    from vlmkd.train.recipe import parse_recipe
 
     arch, path, root, out, _ = family_cache
-    stage = {"name": "kd", "steps": 2, "lr": 1e-3, "batch_size": 6, "trainable": ["llm"],
-             "losses": {"ce": 1.0, "rel": 1.0}}
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "fam", "model": _spec(arch, 32, 1), "eval_every": 1000,
-                                      "eval_samples": 4, "stages": [stage]}))
-    with pytest.raises(ModelError, match="visual-token counts"):
-        train_student_run(recipe, out, tmp_path / "run", val=root / "val.json")
+    seed = int(os.environ.get("VLMKD_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+    print(f"student seed {seed}")
+    _, hf_tok = load_model(path)
+    model = build_model({**_spec(arch), "init_seed": seed}, hf_tok).eval()  # the teacher's family and width
+    assert seed == 0 or not torch.equal(model.lm_head.weight, load_model(path)[0].lm_head.weight)
+    tok, layout = data_tokenizer(model, hf_tok)
+    visual = ["vis", "rel", "attn", "align", "feat", "contrast"]
+    recipe = parse_recipe({"model": {"path": str(path)}, "stages": [
+        {"name": "kd", "steps": 1, "batch_size": 4, "losses": dict.fromkeys(visual, 1.0),
+         "loss_args": {"attn_kind": attn_kind, "feat_point": "final", "logit_impl": "full"}}]})
+    obj = KDObjective(model, cache_facts(CacheReader(out, payloads=())), recipe.stages)
+    for m in obj.proj.values():
+        if hasattr(m, "weight"):
+            torch.nn.init.eye_(m.weight)
+    by_id = {s["id"]: s for s in CacheReader(out, payloads=obj.payloads).samples()}
+    for s in by_id.values():
+        if "image" in s:
+            s["pixels"] = student_pixels(s.pop("image"), layout, s["id"])
+
+    def losses(ids):
+        b = collate_kd([by_id[i] for i in ids], layout, tok.pad_id)
+        with torch.no_grad():
+            return b, {k: float(v) for k, v in obj(recipe.stages[0], model, b).items()}
+
+    mixed_ids = ["r0", "r1", "t0", "m0", "r2"]  # r0, r1, r2: the three image sizes; m0: two images
+    b, mixed = losses(mixed_ids)
+    # Qwen: four counts; Gemma 3 (a fixed count per image): two, m0's twice the others'
+    assert len(set(b["image_mask"].sum(1).tolist()) - {0}) >= (3 if arch in DYNAMIC else 2)
+    singles = [losses([i]) for i in ("r0", "r1", "m0", "r2")]
+    weights = {"rel": [1.0] * 4, "align": [1.0] * 4,
+               "feat": [float(sb["image_mask"].sum()) for sb, _ in singles],
+               "vis": [float(sb["t_vis"].sum()) for sb, _ in singles],  # the visual rows the teacher scored
+               "attn": [float(sb["t_qmask"].sum()) for sb, _ in singles]}
+    for term, w in weights.items():
+        want = sum(wi * one[term] for wi, (_, one) in zip(w, singles, strict=True)) / sum(w)
+        # a student other than the teacher: every loss far above float32 noise (squared attention gaps are small)
+        assert mixed[term] > (1e-10 if term == "attn" else 1e-3), (term, mixed[term])
+        assert mixed[term] == pytest.approx(want, rel=1e-4), (term, mixed[term], [o[term] for _, o in singles])
+    # contrast: the probe's own per-row visual states, each row's mean, against the cache's own rows
+    with torch.no_grad(), probe(model, b["attention_mask"], (), ["final"]) as pr:
+        model(**model_inputs(b))
+    s_vec = torch.stack([x.mean(0) for x in visual_states(pr, "final", b["image_mask"])])
+    point = CacheReader(out, payloads=()).manifest["extraction"]["hidden_points"].index("final")
+    t_vec = torch.stack([torch.from_numpy(by_id[i]["hidden"][point].astype(np.float32)).mean(0)
+                         for i in mixed_ids if i != "t0"])
+    assert mixed["contrast"] == pytest.approx(float(info_nce(s_vec, t_vec, 0.07, True)), rel=1e-4)
 
 
 @pytest.mark.skipif(_torchvision_reason() is None, reason="torchvision imports here: nothing to refuse")

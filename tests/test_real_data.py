@@ -184,7 +184,7 @@ def test_sixteen_bit_and_alpha_images_convert_by_their_depth(tmp_path):
     from vlmkd.data.images import PixelSpec
     from vlmkd.data.layout import Layout
     lay = Layout("llava", 0, 1, [0], PixelSpec(16, (0.5,) * 3, (0.5,) * 3), 64, 1)
-    px = student_pixels((tmp_path / "g16.png").read_bytes(), lay, "s")
+    px = student_pixels([(tmp_path / "g16.png").read_bytes()], lay, "s")
     ref = np.asarray(load_image(tmp_path / "g16.png", "s").resize((16, 16), Image.Resampling.BICUBIC))
     assert np.array_equal(px, ref.transpose(2, 0, 1))
 

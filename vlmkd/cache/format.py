@@ -51,13 +51,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import struct
 import threading
 
 import numpy as np
 import zstandard
 
-FORMAT_VERSION = 1
-KNOWN_VERSIONS = {1}
+FORMAT_VERSION = 2  # 2: several images per sample (`images.bin`, meta `images`); 1 reads as before
+KNOWN_VERSIONS = {1, 2}
 V1_D_MAX = 32.0  # layout 1 companded nats below the top-1 up to this many
 ZSTD_LEVEL = 9
 TOPK_LAYOUT = 2
@@ -69,6 +70,8 @@ SAMPLED_LAYOUT = 1
 MEMBERS = {
     "meta.json": "sample id and counts (JSON, plain)",
     "image": "the sample's image file, bytes as they were on disk (PNG, JPEG, ...), so students read shards only",
+    "images.bin": "a sample's further image files (format 2: several images per sample; the first is `image`): "
+                  "uint32 count, then per file uint64 length and its bytes as on disk",
     "tokens.npy.zst": "input_ids int32 [T], flags uint8 [T] (bit 0 response token, bit 1 visual token)",
     "topk.bin.zst": "header, pos, tail, ids (sorted, gap-coded, byte planes), code (see module docstring)",
     "sampled.bin.zst": "header, pos, n, ids (sorted, gap-coded, byte planes), count, lp, logz (see module docstring)",
@@ -83,7 +86,7 @@ MEMBERS = {
                     "and rejected [Tr] response tokens (LLaVA-MoD preference pairs)",
 }
 PAYLOADS = tuple(m.split(".")[0] for m in MEMBERS)
-VISUAL_PAYLOADS = ("image", "attn", "hidden")  # absent from a text-only sample (meta visual_tokens 0)
+VISUAL_PAYLOADS = ("image", "images", "attn", "hidden")  # absent from a text-only sample (meta visual_tokens 0)
 FLAG_RESPONSE = 1
 FLAG_VISUAL = 2
 
@@ -493,6 +496,28 @@ DECODERS = {
     "pooled": decode_pooled,
     "pref": decode_pref,
 }
+
+
+def encode_images(files: list[bytes]) -> bytes:
+    """`images.bin`: a sample's further image files, each as it was on disk, length-prefixed."""
+    out = [struct.pack("<I", len(files))]
+    for f in files:
+        out += [struct.pack("<Q", len(f)), f]
+    return b"".join(out)
+
+
+def decode_images(blob: bytes) -> list[bytes]:
+    (n,), off, files = struct.unpack_from("<I", blob), 4, []
+    for _ in range(n):
+        (size,) = struct.unpack_from("<Q", blob, off)
+        off += 8
+        if off + size > len(blob):
+            raise ValueError(f"images.bin: file {len(files)} of {n} runs past the member's {len(blob)} bytes")
+        files.append(blob[off: off + size])
+        off += size
+    if off != len(blob):
+        raise ValueError(f"images.bin: {len(blob) - off} bytes after its {n} files")
+    return files
 
 
 def encode_meta(meta: dict) -> bytes:

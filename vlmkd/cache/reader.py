@@ -40,8 +40,12 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
                 continue  # a text-only sample has no image and nothing on visual tokens
             if p not in members:
                 raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")
-            if p == "image":
-                out["image"] = members["image"]
+            if p == "image":  # the image files as on disk, all of a sample's (format 2: `images` has the 2nd on)
+                more = fmt.decode_images(members["images"]) if "images" in members else []
+                if len(more) + 1 != meta.get("images", 1):
+                    raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has {len(more) + 1} image files, its "
+                                     f"meta says {meta.get('images', 1)}; refused")
+                out["image"] = [members["image"], *more]
                 continue
             limit = fmt.member_limit(p, meta, manifest) if manifest is not None else fmt.HARD_LIMIT
             with fmt.decompress_limit(limit):

@@ -91,7 +91,7 @@ def sample_view(cache: str | Path, sample_id: str, tokenizer=None) -> dict:
                   "teacher": man["teacher"]["model_type"], "grid": man["teacher"].get("patch_grid"),
                   "extraction": {k: man["extraction"].get(k) for k in ("logits", "topk", "draws", "score_visual",
                                                                          "attn_layers", "attn_heads")},
-                  "image": _image(s.get("image")), "tokens": tokens}
+                  "image": _image((s.get("image") or [None])[0]), "tokens": tokens}
     scored = []
     if "weights" in s:  # a sampled cache: the drawn ids and their unbiased weights (counts / draws at t = 1)
         for r, p in enumerate(s["pos"].tolist()):

@@ -32,11 +32,12 @@ class Item:
     pixels: np.ndarray | dict | None
 
 
-def one_image(sample: Sample) -> None:
-    """Refuse a sample with several images: the cache keeps one image per sample today."""
+def one_image(sample: Sample, layout: Layout) -> None:
+    """Refuse a sample with several images for a fixed-block family (vlmkd's template writes one image
+    block); a processor family's processor places any number."""
     if len(sample.images) > 1:
-        raise DataError(f"sample {sample.id}: {len(sample.images)} images; vlmkd's cache and data path take one "
-                        "image per sample today (several images per sample: not built yet)")
+        raise DataError(f"sample {sample.id}: {len(sample.images)} images; a {layout.arch} model on vlmkd's template "
+                        "takes one image per sample (the processor families take several: README's matrix)")
 
 
 def encode_samples(
@@ -51,10 +52,10 @@ def encode_samples(
     items = []
     for s in samples:
         try:
-            one_image(s)
             if getattr(tokenizer, "reads_images", False):  # the processor makes ids and pixels together
                 enc, pixels = tokenizer.encode_item(s, with_answer=with_answer)
             else:
+                one_image(s, layout)
                 enc = tokenizer.encode(s, with_answer=with_answer)
                 pixels = to_uint8(load_image(s.image, s.id), layout.pixels) if s.image is not None else None
             items.append(Item(s, enc, pixels))
@@ -94,9 +95,10 @@ def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: boo
 
 
 def with_token_types(batch: dict, layout: Layout) -> dict:
-    """`mm_token_type_ids` (1 on image tokens, 0 elsewhere) for a family whose forward takes it."""
+    """1 on image tokens, 0 elsewhere, under the family's name for it (`Layout.token_types`), for a family
+    whose forward takes it."""
     if layout.token_types:
-        batch["mm_token_type_ids"] = batch["image_mask"].long()
+        batch[layout.token_types] = batch["image_mask"].long()
     return batch
 
 
@@ -120,7 +122,8 @@ def pixel_batch(pixels: Sequence[np.ndarray | None], layout: Layout) -> torch.Te
 
 
 # every image input a family's forward takes (a batch holds those of its model's family)
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids")
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids",
+                "token_type_ids")
 
 
 def model_inputs(batch: dict, device: torch.device | None = None) -> dict:

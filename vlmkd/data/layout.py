@@ -23,5 +23,6 @@ class Layout:
     patch_grid: int | None  # visual tokens per side (the 2-D grid the image tokens come from)
     visual: object | None = None  # vlmkd.data.processor.VisualInputs
     processor: object | None = None
-    # the forward takes `mm_token_type_ids` (1 on image tokens): Qwen's M-RoPE finds the images by it
-    token_types: bool = False
+    # the name under which the forward takes 1 on image tokens, 0 elsewhere, if it does: Qwen's M-RoPE finds
+    # the images by `mm_token_type_ids`, Gemma 3's bidirectional image attention by `token_type_ids`
+    token_types: str | None = None

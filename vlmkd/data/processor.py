@@ -82,9 +82,15 @@ class ProcessorEncoder:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _process(self, text: str, images: list, tensors: str):
+        """`processor(text, images)` as `processor.apply_chat_template(..., tokenize=True)` calls it: a
+        template that writes the BOS itself (Gemma's, Llama's) gets no second one from the tokenizer."""
+        bos = self.hf.bos_token
+        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        return self.processor(text=[text], images=images or None, return_tensors=tensors, **extra)
+
     def _ids(self, text: str, images: list) -> list[int]:
-        out = self.processor(text=[text], images=images or None, return_tensors="np")
-        return out["input_ids"][0].tolist()
+        return self._process(text, images, "np")["input_ids"][0].tolist()
 
     def encode_item(self, sample: Sample, with_answer: bool = True) -> tuple[Encoded, dict | None]:
         """(Encoded, the processor's image inputs or None): ids, label mask and pixels from one
@@ -99,7 +105,7 @@ class ProcessorEncoder:
             raise DataError(f"sample {sample.id}: {len(images)} images and {placeholders} {IMAGE_PLACEHOLDER} "
                             "placeholders in its turns; give each image one placeholder")
         text = self._render(messages, generation_prompt=not with_answer)
-        out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        out = self._process(text, images, "pt")
         ids = out["input_ids"][0].numpy().astype(np.int64)
         if len(ids) > self.max_length:
             raise DataError(f"sample {sample.id}: {len(ids)} tokens, longer than the model's {self.max_length}; "

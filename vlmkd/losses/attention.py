@@ -11,19 +11,25 @@ import torch
 
 
 def attention_kd(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor,
-                 kind: str = "mse", eps: float = 1e-8) -> torch.Tensor:
+                 kind: str = "mse", eps: float = 1e-8, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Text-to-vision attention distillation.
 
     student_attn, teacher_attn [B, L, Q, N] (attention of Q text queries over N visual keys, heads
-    averaged or matched); mask [B, Q] bool marks real queries.
-    mse: mean squared difference per entry over masked queries.
+    averaged or matched); mask [B, Q] bool marks real queries; key_mask [B, N] bool, when rows have
+    different visual-token counts, marks each row's real keys (padded keys must be 0 on both sides).
+    mse: mean squared difference per entry over masked queries (each query's mean over its row's keys).
     kl: each query's attention renormalised over the visual keys, KL(teacher || student), mean over
     masked queries and layers.
     """
     m = mask[:, None, :].expand(student_attn.shape[:3])
     if kind == "mse":
         d = (student_attn - teacher_attn.to(student_attn.dtype)) ** 2
-        return d.mean(-1)[m].mean() if m.any() else student_attn.sum() * 0
+        if key_mask is None:
+            per = d.mean(-1)
+        else:
+            k = key_mask[:, None, None, :].to(d.dtype)
+            per = (d * k).sum(-1) / k.sum(-1).clamp_min(1.0)
+        return per[m].mean() if m.any() else student_attn.sum() * 0
     if kind == "kl":
         ps = student_attn / student_attn.sum(-1, keepdim=True).clamp_min(eps)
         pt = teacher_attn.to(ps.dtype)

@@ -50,8 +50,10 @@ def copy_vision(model, source_dir) -> None:
         src, _ = load_model(source_dir)
         state = parts_of(src)["vision"].state_dict()
     fam = family_of(model.config.model_type)
-    inner = fam.connector[len(fam.vision) + 1:] + "." if fam.connector_in_vision else None
-    if inner:  # the connector's output width is the language model's: it is not copied with the tower
+    # the connectors' output width is the language model's: they are not copied with the tower
+    inner = tuple(c[len(fam.vision) + 1:] + "." for c in (fam.connector, *fam.more_connectors)
+                  if fam.connector_in_vision)
+    if inner:
         state = {k: v for k, v in state.items() if not k.startswith(inner)}
     target = parts_of(model)["vision"].state_dict()
     want = {k: tuple(v.shape) for k, v in target.items() if not (inner and k.startswith(inner))}
@@ -60,7 +62,7 @@ def copy_vision(model, source_dir) -> None:
         diff = sorted(set(want.items()) ^ set(have.items()))[:4]
         raise ModelError(f"vision_from {source_dir}: its vision tower differs from the recipe's (tensor names and "
                          f"shapes, first differences: {diff}); make the recipe's vision section equal the teacher's")
-    parts_of(model)["vision"].load_state_dict(state, strict=inner is None)
+    parts_of(model)["vision"].load_state_dict(state, strict=not inner)
 
 
 def layout_of(config, tok, processor=None) -> Layout:

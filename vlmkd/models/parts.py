@@ -21,7 +21,12 @@ def vision_tower(model) -> torch.nn.Module:
 
 
 def connector(model) -> torch.nn.Module:
-    return attr_path(model.model, part_names(model.config.model_type)[1])
+    """The connector; with a family's further connectors (Qwen3-VL's DeepStack mergers), all of them."""
+    fam = family_of(model.config.model_type)
+    main = attr_path(model.model, fam.connector)
+    if not fam.more_connectors:
+        return main
+    return torch.nn.ModuleList([main, *(attr_path(model.model, p) for p in fam.more_connectors)])
 
 
 def visual_tokens_module(model) -> torch.nn.Module:

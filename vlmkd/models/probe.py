@@ -28,7 +28,8 @@ class Probe:
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # point -> [B, T, D] (projector: [B*, N, D])
 
 
-def _attention_probs(module, hidden_states, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:
+def _attention_probs(module, hidden_states, position_embeddings, padding_mask: torch.Tensor,
+                     layer_mask: torch.Tensor | None = None) -> torch.Tensor:
     B, T, _ = hidden_states.shape
     shape = (B, T, -1, module.head_dim)
     q = module.q_proj(hidden_states).view(shape)
@@ -40,10 +41,28 @@ def _attention_probs(module, hidden_states, position_embeddings, padding_mask: t
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = repeat_kv(k, module.num_key_value_groups)
     scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * module.scaling
-    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
-    allowed = causal[None, None] & padding_mask[:, None, None, :].bool()
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    cap = getattr(module, "attn_logit_softcapping", None)
+    if cap:  # Gemma 2's soft cap on the logits
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~allowed_keys(module, layer_mask, padding_mask, T), float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def allowed_keys(module, layer_mask, padding_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, 1|H, T, T] bool, which keys each query attends to: the mask the layer's attention itself
+    received where it is a tensor (eager's additive mask, SDPA's boolean one: so a family's own rules,
+    Gemma 3's bidirectional image blocks and sliding windows, hold as the model applies them); where the
+    model passes none (SDPA's plain causal case, other kernels), causal + padding + the layer's window."""
+    if isinstance(layer_mask, torch.Tensor) and layer_mask.dim() == 4:
+        m = layer_mask[..., -T:, -T:]
+        allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        return allowed & padding_mask[:, None, None, :].bool()
+    idx = torch.arange(T, device=padding_mask.device)
+    allowed = idx[None, :] <= idx[:, None]
+    window = getattr(module, "sliding_window", None)
+    if window:
+        allowed = allowed & (idx[:, None] - idx[None, :] < window)
+    return allowed[None, None] & padding_mask[:, None, None, :].bool()
 
 
 @contextlib.contextmanager
@@ -59,7 +78,8 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
 
         def hook(mod, args, kwargs, result, li=li):
             hs = kwargs.get("hidden_states", args[0] if args else None)
-            out.attn[li] = _attention_probs(mod, hs, kwargs["position_embeddings"], attention_mask)
+            out.attn[li] = _attention_probs(mod, hs, kwargs["position_embeddings"], attention_mask,
+                                            kwargs.get("attention_mask"))
 
         handles.append(layers[li].self_attn.register_forward_hook(hook, with_kwargs=True))
     for point in hidden_points:
@@ -88,18 +108,6 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
             h.remove()
 
 
-def equal_counts(image_mask: torch.Tensor) -> int:
-    """The one visual-token count of the batch's rows with an image; a batch whose rows differ (a
-    processor family's images of different sizes) is refused: the visual terms take equal counts today."""
-    counts = image_mask.sum(1)
-    counts = counts[counts > 0]
-    if len(counts) and bool((counts != counts[0]).any()):
-        raise ModelError(f"a batch with visual-token counts {sorted(set(counts.tolist()))}: the visual terms (vis "
-                         "rows excepted) take one count per batch today; resize the images to one size, or train "
-                         "with batch_size 1, or leave the visual terms out")
-    return int(counts[0]) if len(counts) else 0
-
-
 def visual_states(probe_out: Probe, point: str, image_mask: torch.Tensor) -> list[torch.Tensor]:
     """[N_b, D] hidden states of each row's visual tokens at `point`, for the rows with an image, in row
     order; N_b may differ per row (a processor family's image sizes)."""
@@ -110,11 +118,23 @@ def visual_states(probe_out: Probe, point: str, image_mask: torch.Tensor) -> lis
     return [h[b][image_mask[b]] for b in range(len(image_mask)) if bool(image_mask[b].any())]
 
 
-def visual_rows(probe_out: Probe, point: str, image_mask: torch.Tensor) -> torch.Tensor:
-    """[B_v, N_v, D] hidden states of the visual tokens at `point`, for the B_v rows of the batch that
-    have an image (text-only rows have none), in row order; every such row has N_v of them."""
-    n = equal_counts(image_mask)
+def visual_rows(probe_out: Probe, point: str, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B_v, N_max, D] hidden states of the visual tokens at `point`, for the B_v rows of the batch that
+    have an image (text-only rows have none), in row order, zero-padded to the batch's largest count as the
+    cache's payloads are; and the [B_v, N_max] mask of real tokens, or None when every row has N_max (the
+    terms then take their unmasked path, so equal-count batches compute exactly what they always did)."""
     h = probe_out.hidden[point]
-    if n == 0:
-        return h.new_zeros((0, 0, h.shape[-1]))
-    return torch.stack(visual_states(probe_out, point, image_mask))
+    states = visual_states(probe_out, point, image_mask)
+    if not states:
+        return h.new_zeros((0, 0, h.shape[-1])), None
+    counts = [len(x) for x in states]
+    if len(set(counts)) == 1:
+        return torch.stack(states), None
+    return torch.nn.utils.rnn.pad_sequence(states, batch_first=True), visual_mask(image_mask)
+
+
+def visual_mask(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B_v, N_max] bool: token j of image row r is real (j < that row's visual-token count)."""
+    counts = image_mask.sum(1)
+    counts = counts[counts > 0]
+    return torch.arange(int(counts.max()), device=image_mask.device)[None, :] < counts[:, None]

@@ -62,7 +62,7 @@ def train_family_tokenizer(texts: Iterable[str], tokens, vocab_size: int = 512) 
     tok.train_from_iterator(["user assistant system\n", *texts], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tokens.pad, eos_token=tokens.eos,
                                    bos_token=tokens.bos, additional_special_tokens=list(tokens.special),
-                                   model_max_length=32768)
+                                   model_max_length=32768, extra_special_tokens=dict(tokens.named or {}))
     fast.chat_template = tokens.chat_template
     return fast
 

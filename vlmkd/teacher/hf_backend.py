@@ -294,7 +294,11 @@ def sample_head(it: Item, pos: np.ndarray, text_tok=None) -> dict[str, bytes]:
     meta = {"id": it.sample.id, "prompt": it.sample.question[:500], "tokens": int(len(enc.input_ids)),
             "response_tokens": int(enc.labels_mask.sum()), "scored": int(len(pos)),
             "visual_tokens": int(enc.image_mask.sum()), "fields": row_fields(it.sample)}
-    image = {"image": it.sample.image.read_bytes()} if it.sample.image is not None else {}
+    files = [p.read_bytes() for p in it.sample.images]
+    image = {"image": files[0]} if files else {}
+    if len(files) > 1:  # several images per sample (format 2)
+        meta["images"] = len(files)
+        image["images"] = fmt.encode_images(files[1:])
     text = {}
     if text_tok is not None:
         spans = text_tok.response_spans(it.sample)

@@ -26,18 +26,23 @@ from vlmkd.train.dist import dist_info
 from vlmkd.train.recipe import Stage
 
 
-def student_pixels(blob: bytes, layout: Layout, sample: str) -> np.ndarray | dict:
-    """The student's pixels from the image bytes in the shard, converted as the teacher's were (`to_rgb`):
-    [3, S, S] uint8 for a fixed-block family, the image processor's inputs for a processor family."""
-    try:
-        img = Image.open(io.BytesIO(blob))
-        img.load()
-        img = to_rgb(img)
-    except Exception as e:
-        raise CacheError(f"sample {sample}: the image in the cache cannot be decoded ({e})") from e
+def student_pixels(files: list[bytes], layout: Layout, sample: str) -> np.ndarray | dict:
+    """The student's pixels from a sample's image files in the shard (the reader's `image`, in order),
+    converted as the teacher's were (`to_rgb`): [3, S, S] uint8 for a fixed-block family (one image),
+    the image processor's inputs over all of them for a processor family."""
+    imgs = []
+    for i, blob in enumerate(files):
+        try:
+            img = Image.open(io.BytesIO(blob))
+            img.load()
+            imgs.append(to_rgb(img))
+        except Exception as e:
+            raise CacheError(f"sample {sample}: image {i + 1} of {len(files)} in the cache cannot be decoded ({e})") from e
     if layout.visual is not None:
-        return layout.visual.encode([img])
-    return to_uint8(img, layout.pixels)
+        return layout.visual.encode(imgs)
+    if len(imgs) != 1:
+        raise CacheError(f"sample {sample}: {len(imgs)} images; a {layout.arch} student takes one per sample")
+    return to_uint8(imgs[0], layout.pixels)
 
 
 def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:

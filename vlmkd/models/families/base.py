@@ -19,6 +19,8 @@ class TokenSpec:
     eos: str
     chat_template: str
     bos: str | None = None
+    # named special tokens the family's processor reads off the tokenizer (Gemma 3's boi_token, image_token, ...)
+    named: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Family:
     # hidden point), when not the connector: Qwen2.5-VL's merger emits its tokens in window order and the
     # tower's output (`pooler_output`) puts them back in image order
     visual_tokens_from: str | None = None
+    # further connector modules (Qwen3-VL's DeepStack mergers): trained with the projector, and like the
+    # connector left out of a copied tower when it sits inside the tower's module
+    more_connectors: tuple[str, ...] = ()
     after_save: Callable | None = None  # (saved model directory) -> None: rewrite what the family's loaders need
 
 

@@ -48,7 +48,7 @@ def _text_config(spec: dict, tok) -> dict:
                 bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
 
 
-def _ids(tok) -> dict:
+def ids_of(tok) -> dict:
     return {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -62,7 +62,7 @@ def build_qwen2_vl(spec: dict, tok):
         vision_config=dict(depth=v["layers"], embed_dim=v["hidden"], hidden_size=spec["text"]["hidden"],
                            num_heads=v["heads"], mlp_ratio=v.get("intermediate", 4 * v["hidden"]) // v["hidden"],
                            patch_size=v.get("patch", 14), spatial_merge_size=v.get("merge", 2), temporal_patch_size=2),
-        text_config=_text_config(spec, tok), tie_word_embeddings=spec["text"].get("tie_embeddings", False), **_ids(tok))
+        text_config=_text_config(spec, tok), tie_word_embeddings=spec["text"].get("tie_embeddings", False), **ids_of(tok))
     return Qwen2VLForConditionalGeneration(cfg)
 
 
@@ -77,7 +77,7 @@ def build_qwen2_5_vl(spec: dict, tok):
                            spatial_merge_size=v.get("merge", 2), temporal_patch_size=2,
                            window_size=v.get("window", 2 * v.get("patch", 14) * v.get("merge", 2)),
                            fullatt_block_indexes=v.get("full_attention_blocks", [depth - 1])),
-        text_config=_text_config(spec, tok), tie_word_embeddings=spec["text"].get("tie_embeddings", False), **_ids(tok))
+        text_config=_text_config(spec, tok), tie_word_embeddings=spec["text"].get("tie_embeddings", False), **ids_of(tok))
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
@@ -90,10 +90,13 @@ def layout(config, tok, processor) -> Layout:
     visual = VisualInputs(processor.image_processor, count, ("pixel_values", "image_grid_thw"))
     return Layout(config.model_type, config.image_token_id, None, None, None,
                   config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
-                  token_types=True)
+                  token_types="mm_token_type_ids")
 
 
-def processor_for(cls_name: str):
+def processor_for(cls_name: str, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, video_cls: str = "Qwen2VLVideoProcessor"):
+    """The processor a saved model of the family ships: the image processor sized to the config's
+    patches (min/max pixels: 4 to 64 merged tokens by default, for the tiny test and demo models)."""
+
     def processor(config, tok, min_pixels: int | None = None, max_pixels: int | None = None):
         import transformers
         from transformers import Qwen2VLImageProcessorPil
@@ -105,12 +108,11 @@ def processor_for(cls_name: str):
         ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 4 * factor * factor,
                                       max_pixels=max_pixels or 64 * factor * factor, patch_size=v.patch_size,
                                       merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-        vp = Qwen2VLVideoProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                   temporal_patch_size=v.temporal_patch_size, image_mean=list(CLIP_MEAN),
-                                   image_std=list(CLIP_STD))  # (vlmkd reads no video; the processor needs one)
+                                      image_mean=list(mean), image_std=list(std))
+        # (vlmkd reads no video; the processor needs one)
+        vp = getattr(transformers, video_cls)(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                              temporal_patch_size=v.temporal_patch_size, image_mean=list(mean),
+                                              image_std=list(std))
         return getattr(transformers, cls_name)(image_processor=ip, tokenizer=tok, video_processor=vp,
                                                chat_template=tok.chat_template)
 

@@ -9,7 +9,7 @@ import torch
 
 from vlmkd.errors import RecipeError
 from vlmkd.losses import attention_kd
-from vlmkd.models.probe import equal_counts
+from vlmkd.models.probe import visual_mask
 from vlmkd.train.layer_map import layer_pairs
 from vlmkd.train.terms.base import Setup, Step, Term
 
@@ -63,14 +63,16 @@ class Attn(Term):
         qpos = b["t_qpos"]  # [B_v, Q]: the cache's maps are stacked over the rows with an image
         vr = s.vis_rows
         image_mask = b["image_mask"][vr]
+        keys = visual_mask(image_mask)  # [B_v, N_max]: each row's own visual-token count
+        mixed = not bool(keys.all())
+        vis_idx = torch.zeros(keys.shape, dtype=torch.long, device=image_mask.device)
+        vis_idx[keys] = image_mask.nonzero()[:, 1]  # row-major, as the mask's True entries lie
         maps = []
         for li in self.attn_layers:
             p = s.probe.attn[li].mean(1)[vr]  # [B_v, T, T], heads averaged as the cache stores them
-            B = p.shape[0]
-            rows = p[torch.arange(B)[:, None], qpos]  # [B_v, Q, T]
-            n = equal_counts(image_mask)
-            vis_idx = image_mask.nonzero()[:, 1].reshape(B, n)
-            maps.append(rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1)))
+            rows = p[torch.arange(p.shape[0])[:, None], qpos]  # [B_v, Q, T]
+            m = rows.gather(2, vis_idx[:, None, :].expand(-1, rows.shape[1], -1))
+            maps.append(m * keys[:, None, :] if mixed else m)  # padded keys 0, as the cache pads them
         s_maps = torch.stack(maps, 1)[:, self.student_idx]
         t_maps = b["t_attn"][:, self.teacher_idx]
-        return attention_kd(s_maps, t_maps, b["t_qmask"], self.opts.attn_kind)
+        return attention_kd(s_maps, t_maps, b["t_qmask"], self.opts.attn_kind, key_mask=keys if mixed else None)

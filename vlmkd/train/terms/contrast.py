@@ -54,8 +54,12 @@ class Contrast(Term):
             if side == "visual":
                 if not len(s.vis_rows):
                     continue
-                s_vec = visual_rows(s.probe, o.contrast_point, b["image_mask"]).mean(1)
-                t_vec = b["t_hidden"][:, self.point_index].mean(1)
+                h_s, mask = visual_rows(s.probe, o.contrast_point, b["image_mask"])
+                h_t = b["t_hidden"][:, self.point_index]
+                if mask is None:
+                    s_vec, t_vec = h_s.mean(1), h_t.mean(1)
+                else:  # rows of mixed counts: each row's mean over its own visual tokens
+                    s_vec, t_vec = pooled(h_s, mask), pooled(h_t.to(h_s.device), mask)
             else:  # the prompt's text tokens, as the cache pooled them
                 text = b["attention_mask"].bool() & ~b["image_mask"] & ~b["labels_mask"]
                 s_vec, t_vec = pooled(s.probe.hidden["final"], text), b["t_text"]

@@ -51,6 +51,8 @@ class Feat(Term):
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch
-        parts = [feature_kd(s.maps[key](visual_rows(s.probe, point, b["image_mask"])), b["t_hidden"][:, ti],
-                            kind=self.opts.feat_kind) for point, ti, key in self.pairs]
+        parts = []
+        for point, ti, key in self.pairs:
+            h_s, mask = visual_rows(s.probe, point, b["image_mask"])  # mask: rows of mixed counts
+            parts.append(feature_kd(s.maps[key](h_s), b["t_hidden"][:, ti], mask, kind=self.opts.feat_kind))
         return parts[0] if len(parts) == 1 else sum(parts) / len(parts)

@@ -26,7 +26,7 @@ class Rel(Term):
         self.register_buffer("gram_t", torch.from_numpy(setup.cache.gram()), persistent=False)
 
     def loss(self, s: Step) -> torch.Tensor:
-        h_s = visual_rows(s.probe, "final", s.batch["image_mask"])
+        h_s, mask = visual_rows(s.probe, "final", s.batch["image_mask"])  # mask: rows of mixed counts
         h_t = s.batch["t_hidden"][:, self.point_index]
         w_s = s.model.lm_head.weight
-        return relation_kd(h_s, h_t, student_gram=w_s.T @ w_s, teacher_gram=self.gram_t)
+        return relation_kd(h_s, h_t, mask, student_gram=w_s.T @ w_s, teacher_gram=self.gram_t)

@@ -198,6 +198,7 @@ def test_raw_parity_per_layout(layout, hf_tok, shapes_dir, tmp_path):
     layout vLLM cannot load here (LLaVA without torchvision) is skipped with vLLM's reason."""
     import torch
     from conftest import TINY_IDEFICS3, TINY_LLAVA
+    from reference import backend_parity
 
     from vlmkd.data.dataset import encode_samples
     from vlmkd.data.manifest import load_samples
@@ -220,18 +221,7 @@ def test_raw_parity_per_layout(layout, hf_tok, shapes_dir, tmp_path):
         got[name] = teacher.topk_arrays(items)
         if hasattr(teacher, "close"):
             teacher.close()
-    rows = other = 0
-    worst_lp = worst_tail = 0.0
-    for (pa, ia, la, ta), (pb, ib, lb, tb) in zip(got["hf"], got["vllm"], strict=True):
-        assert np.array_equal(pa, pb)
-        for r in range(len(pa)):
-            rows += 1
-            da, db = dict(zip(ia[r].tolist(), la[r].tolist(), strict=True)), dict(zip(ib[r].tolist(), lb[r].tolist(), strict=True))
-            if set(da) != set(db):
-                other += 1
-                kth = min(la[r].min(), lb[r].min())
-                assert all(abs(da.get(i, db.get(i)) - kth) < 1e-4 for i in set(da) ^ set(db))
-            worst_lp = max(worst_lp, max(abs(da[i] - db[i]) for i in set(da) & set(db)))
-            worst_tail = max(worst_tail, abs(np.exp(ta[r]) - np.exp(tb[r])))
-    print(layout, {"rows": rows, "other_sets": other, "worst_dlogp": worst_lp, "worst_tail": worst_tail})
+    stats = backend_parity(got["hf"], got["vllm"])
+    rows, other, worst_lp, worst_tail = (stats[k] for k in ("rows", "other_sets", "worst_dlogp", "worst_tail"))
+    print(layout, stats)
     assert other <= 0.001 * rows and worst_lp <= 1e-4 and worst_tail <= 1e-4, (other, rows, worst_lp, worst_tail)

@@ -132,8 +132,14 @@ def model_processor(model, tok):
 def data_tokenizer(model, tok) -> tuple[Tokenizer | ProcessorEncoder, Layout]:
     """The data path's tokenizer and layout for a model: vlmkd's template for the demo families, the
     checkpoint's own processor and chat template for processor families."""
-    if family_of(model.config.model_type).own_processor:
-        lay = layout_of(model.config, tok, model_processor(model, tok))
+    proc = model_processor(model, tok) if family_of(model.config.model_type).own_processor else None
+    return config_data_tokenizer(model.config, tok, proc)
+
+
+def config_data_tokenizer(config, tok, processor=None) -> tuple[Tokenizer | ProcessorEncoder, Layout]:
+    """`data_tokenizer` from a config alone (an engine that loads the weights itself: vLLM); a processor
+    family takes `processor` (the checkpoint's), else its default."""
+    lay = layout_of(config, tok, processor)
+    if lay.processor is not None:
         return ProcessorEncoder(lay.processor, lay.visual, lay.image_token_id, lay.max_length), lay
-    lay = layout_of(model.config, tok)
     return Tokenizer(tok, lay.image_block, lay.image_token_id, lay.max_length), lay

@@ -25,13 +25,15 @@ from transformers import AutoConfig, AutoTokenizer
 from vlmkd.cache import format as fmt
 from vlmkd.data.dataset import Item
 from vlmkd.data.images import load_image
-from vlmkd.data.template import Tokenizer
 from vlmkd.errors import CacheError
-from vlmkd.models.build import layout_of
+from vlmkd.models.build import config_data_tokenizer, saved_processor
 from vlmkd.teacher.hf_backend import Extraction, HFTeacher, keep_top_p, sample_head, scored_positions
 
 # the architectures vlmkd's vLLM backend drives, and the vLLM module that implements each
-SUPPORTED = {"Idefics3ForConditionalGeneration": "idefics3", "LlavaForConditionalGeneration": "llava"}
+SUPPORTED = {"Idefics3ForConditionalGeneration": "idefics3", "LlavaForConditionalGeneration": "llava",
+             "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+             "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+MAX_IMAGES = 4  # images per prompt a processor family's engine takes (vLLM profiles memory for that many)
 
 
 def vllm_available(model_dir) -> tuple[bool, str]:
@@ -69,8 +71,8 @@ class VLLMTeacher:
         self.settings = settings
         self.hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
         config = AutoConfig.from_pretrained(str(model_dir))
-        self.layout = layout_of(config, self.hf_tok)
-        self.tok = Tokenizer(self.hf_tok, self.layout.image_block, self.layout.image_token_id, self.layout.max_length)
+        # a processor family's ids come from the checkpoint's processor, as the transformers backend's do
+        self.tok, self.layout = config_data_tokenizer(config, self.hf_tok, saved_processor(str(model_dir)))
         self.vocab_size = config.text_config.vocab_size
         self.llm = start_engine(model_dir, self.layout, settings.topk, tensor_parallel_size, data_parallel_size,
                                 gpu_memory_utilization)
@@ -138,7 +140,8 @@ def start_engine(model_dir, layout, max_logprobs: int, tensor_parallel_size: int
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     kwargs = dict(model=str(model_dir), dtype="auto" if on_gpu else "float32",
                   max_logprobs=max_logprobs, max_model_len=layout.max_length,
-                  limit_mm_per_prompt={"image": 1}, tensor_parallel_size=tensor_parallel_size,
+                  limit_mm_per_prompt={"image": 1 if layout.visual is None else MAX_IMAGES},
+                  tensor_parallel_size=tensor_parallel_size,
                   # the CPU backend's default memory fraction exceeds one NUMA node here
                   gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.3),
                   seed=seed)
@@ -156,18 +159,27 @@ def stop_engine(llm) -> None:
 
 
 def engine_prompt(it: Item, layout):
-    """A sample as vLLM takes it: the data path's token ids with the image block collapsed to one
-    `<image>` placeholder (vLLM's processor expands it again), and the decoded image."""
+    """A sample as vLLM takes it: the data path's token ids with each image's tokens collapsed to the one
+    placeholder the chat template writes (vLLM's processor expands it again: `check_prompt` holds it to the
+    same ids), and the decoded images. Fixed-block families: the block collapses to one `<image>`; processor
+    families (Qwen): each run of image tokens to one `<|image_pad|>`."""
     from vllm.inputs import TokensPrompt
 
     ids = it.enc.input_ids.tolist()
-    data = {}
-    if it.sample.image is not None:
-        block = layout.image_block
-        start = int(np.argmax(it.enc.image_mask)) - block.index(layout.image_token_id)
-        ids = ids[:start] + [layout.image_token_id] + ids[start + len(block):]
-        data = {"multi_modal_data": {"image": load_image(it.sample.image, it.sample.id)}}
-    return TokensPrompt(prompt_token_ids=ids, **data)
+    images = [load_image(p, it.sample.id) for p in it.sample.images]
+    if not images:
+        return TokensPrompt(prompt_token_ids=ids)
+    if layout.visual is not None:
+        if len(images) > MAX_IMAGES:
+            raise CacheError(f"sample {it.sample.id}: {len(images)} images; the vLLM backend takes up to {MAX_IMAGES} "
+                             "per sample (use --backend hf for it)")
+        m = it.enc.image_mask.tolist()
+        ids = [t for i, t in enumerate(ids) if not (m[i] and i and m[i - 1])]
+        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images})
+    block = layout.image_block
+    start = int(np.argmax(it.enc.image_mask)) - block.index(layout.image_token_id)
+    ids = ids[:start] + [layout.image_token_id] + ids[start + len(block):]
+    return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images[0]})
 
 
 def check_prompt(it: Item, engine_ids) -> None:

@@ -134,10 +134,10 @@ def info_nce_ref(s, t, tau, symmetric=True):
     return 0.5 * (fwd + ce([[S[j][i] for j in range(B)] for i in range(B)]))
 
 
-def backend_parity(got_a: list, got_b: list) -> dict:
+def backend_parity(got_a: list, got_b: list, tie: float = 1e-4) -> dict:
     """Two backends' `topk_arrays` over the same samples: the scored positions must be equal (asserted);
     returns the rows, the rows whose top-k sets differ (each difference must be a near-tie at the k-th
-    place, asserted), the worst |d log p| on shared ids and the worst tail-mass difference."""
+    place, within `tie`, asserted), the worst |d log p| on shared ids and the worst tail-mass difference."""
     import numpy as np
 
     rows = other = 0
@@ -151,7 +151,7 @@ def backend_parity(got_a: list, got_b: list) -> dict:
             if set(da) != set(db):
                 other += 1
                 kth = min(la[r].min(), lb[r].min())
-                assert all(abs(da.get(i, db.get(i)) - kth) < 1e-4 for i in set(da) ^ set(db))
+                assert all(abs(da.get(i, db.get(i)) - kth) < tie for i in set(da) ^ set(db))
             worst_lp = max(worst_lp, max(abs(da[i] - db[i]) for i in set(da) & set(db)))
             worst_tail = max(worst_tail, abs(np.exp(ta[r]) - np.exp(tb[r])))
     return {"rows": rows, "other_sets": other, "worst_dlogp": worst_lp, "worst_tail": worst_tail}

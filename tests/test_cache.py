@@ -395,3 +395,34 @@ def test_a_zstd_bomb_is_a_named_cache_error(cache_dir, tmp_path, content_size):
         for _ in CacheReader(d, payloads=("tokens", "hidden")).samples():  # shards come in a seeded order
             pass
     assert any("hidden" in p and ("bomb" in p or "limit" in p) for p in CacheReader(d, payloads=()).verify_all())
+
+
+def test_the_validation_copy_takes_one_image_or_a_list_and_leaves_a_missing_file_named(tmp_path):
+    """CACHE/val/: LLaVA's `image` path and LLaMA-Factory's `images` list are copied into the cache and
+    renamed there; a missing file keeps its path (the reader rejects that row at use, naming it)."""
+    from vlmkd.cache.store import Store
+    from vlmkd.cache.writer import VAL_DIR, copy_validation
+
+    src = tmp_path / "data"
+    src.mkdir()
+    for name, data in (("a.png", b"A"), ("b.jpg", b"B"), ("c.png", b"C")):
+        (src / name).write_bytes(data)
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    rows = [{"id": "one", "image": "a.png", "conversations": conv},
+            {"id": "two", "images": ["b.jpg", "gone.png", "c.png"], "conversations": conv},
+            {"id": "text", "conversations": conv}]
+    (src / "val.json").write_text(json.dumps(rows))
+    out = tmp_path / "cache"
+    assert copy_validation(src / "val.json", Store(out)) == (3, 3)
+    kept = json.loads((out / VAL_DIR / "val.json").read_text())
+    assert kept[0]["image"] == "images/0000000.png"
+    assert kept[1]["images"] == ["images/0000001_0.jpg", "gone.png", "images/0000001_2.png"]
+    assert "image" not in kept[2] and "images" not in kept[2]
+    copied = {p: (out / VAL_DIR / p).read_bytes() for p in ("images/0000000.png", "images/0000001_0.jpg",
+                                                             "images/0000001_2.png")}
+    assert copied == {"images/0000000.png": b"A", "images/0000001_0.jpg": b"B", "images/0000001_2.png": b"C"}
+
+
+def test_the_further_images_member_is_read_with_image_not_alone(cache_dir):
+    with pytest.raises(CacheError, match="'images' is read with 'image'"):
+        CacheReader(cache_dir, payloads=("tokens", "images"))

@@ -86,7 +86,7 @@ MEMBERS = {
                     "and rejected [Tr] response tokens (LLaVA-MoD preference pairs)",
 }
 PAYLOADS = tuple(m.split(".")[0] for m in MEMBERS)
-VISUAL_PAYLOADS = ("image", "images", "attn", "hidden")  # absent from a text-only sample (meta visual_tokens 0)
+VISUAL_PAYLOADS = ("image", "attn", "hidden")  # absent from a text-only sample (meta visual_tokens 0)
 FLAG_RESPONSE = 1
 FLAG_VISUAL = 2
 

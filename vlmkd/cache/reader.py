@@ -73,6 +73,9 @@ class CacheReader:
         unknown = set(payloads) - set(fmt.PAYLOADS)
         if unknown:
             raise CacheError(f"unknown payload(s) {sorted(unknown)}; the format has {fmt.PAYLOADS}")
+        if "images" in payloads:  # a member, not a payload of its own
+            raise CacheError("payload 'images' is read with 'image' (the list of all a sample's image files); "
+                             "ask for 'image'")
         self.payloads = tuple(payloads)
         self.verify = verify
         self.shuffle_buffer = shuffle_buffer

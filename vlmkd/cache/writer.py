@@ -107,17 +107,18 @@ def copy_validation(src: Path, store: Store) -> tuple[int, int]:
             continue
         for field in ("image", "images"):  # LLaVA's one path, LLaMA-Factory's list
             value = row.get(field)
-            paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            one = isinstance(value, str)
+            paths = [value] if one else value if isinstance(value, list) else []
             names = []
             for j, img in enumerate(paths):
                 if not (isinstance(img, str) and (src.parent / img).is_file()):
                     names.append(img)  # left as it is: the reader's reject path names it at use
                     continue
-                name = f"images/{i:07d}{Path(img).suffix}" if isinstance(value, str) else f"images/{i:07d}_{j}{Path(img).suffix}"
+                name = f"images/{i:07d}{'' if one else f'_{j}'}{Path(img).suffix}"
                 store.write(f"{VAL_DIR}/{name}", (src.parent / img).read_bytes())
                 names.append(name)
             if paths:
-                row = {**row, field: names[0] if isinstance(value, str) else names}
+                row = {**row, field: names[0] if one else names}
         kept.append(row)
     store.write(f"{VAL_DIR}/val.json", json.dumps(kept, indent=0).encode())
     return n, len(kept)

@@ -27,9 +27,7 @@ class Align(Term):
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch
-        h_s, mask = visual_rows(s.probe, "projector", b["image_mask"])
-        s_vis = s.maps[self.map_key](h_s)
-        if mask is not None:  # rows of mixed counts: padded tokens carry no text focus (the cache pads with 0)
-            s_vis = s_vis * mask[..., None]
+        # rows of mixed counts need no mask: a padded token's text focus is 0 (the cache pads attention with 0)
+        s_vis = s.maps[self.map_key](visual_rows(s.probe, "projector", b["image_mask"])[0])
         t_vis = b["t_hidden"][:, self.point_index]
         return focus_align(s_vis, t_vis, text_focus(b["t_attn"], b["t_qmask"]))

@@ -153,6 +153,36 @@ def test_attention_losses_against_reference():
         assert torch.autograd.gradcheck(lambda x: attention_kd(x, t, mask, kind), (s,))
 
 
+def test_attention_losses_with_per_row_key_counts_against_reference():
+    """Rows of different visual-token counts, zero-padded to the largest: each query's loss over its own
+    row's keys only (mse: mean over those keys; kl: renormalised over them), as a one-row batch of that
+    row's true width gives; gradients by gradcheck."""
+    g = torch.Generator().manual_seed(SEED)
+    B, L, Q, N = 3, 2, 4, 7
+    counts = [7, 3, 5]
+    keys = torch.arange(N)[None, :] < torch.tensor(counts)[:, None]
+    s = torch.softmax(torch.randn(B, L, Q, N, generator=g, dtype=torch.float64), -1) * 0.6 * keys[:, None, None]
+    t = torch.softmax(torch.randn(B, L, Q, N, generator=g, dtype=torch.float64), -1) * 0.4 * keys[:, None, None]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    mse_ref, kl_ref, n = 0.0, 0.0, 0
+    for b in range(B):
+        c = counts[b]
+        for layer in range(L):
+            for q in range(Q):
+                if not mask[b, q]:
+                    continue
+                n += 1
+                sv, tv = s[b, layer, q, :c], t[b, layer, q, :c]
+                mse_ref += float(((sv - tv) ** 2).mean())
+                ps, pt = sv / sv.sum(), tv / tv.sum()
+                kl_ref += float((pt * (pt.log() - ps.log())).sum())
+    assert float(attention_kd(s, t, mask, "mse", key_mask=keys)) == pytest.approx(mse_ref / n, rel=1e-6)
+    assert float(attention_kd(s, t, mask, "kl", key_mask=keys)) == pytest.approx(kl_ref / n, rel=1e-6)
+    s.requires_grad_(True)
+    for kind in ("mse", "kl"):
+        assert torch.autograd.gradcheck(lambda x: attention_kd(x * keys[:, None, None], t, mask, kind, key_mask=keys), (s,))
+
+
 def test_text_focus_and_focus_align():
     g = torch.Generator().manual_seed(SEED)
     att = torch.rand(2, 1, 4, 9, generator=g, dtype=torch.float64)

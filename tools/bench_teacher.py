@@ -54,6 +54,9 @@ def main() -> None:
         teacher = cls(args.teacher, settings)
         start = time.perf_counter() - t
         items = encode_samples(samples, teacher.tok, teacher.layout)
+        if not items:
+            raise SystemExit(f"{args.data}: none of its first {len(samples)} rows encodes for {args.teacher} "
+                             "(missing images? run `vlmkd cache-teacher` on it to see each reject's reason)")
         t = time.perf_counter()
         out = []
         step = args.batch_size if name == "hf" else len(items)  # vLLM schedules the whole set itself

@@ -33,12 +33,17 @@ class VisualInputs:
     `image_grid_thw`), how many visual tokens they make, and how rows of them batch (concatenated in
     row order, as the model reads them)."""
 
-    image_processor: object
+    processor: object
     count: Callable[[dict], int]  # visual tokens the model places for one sample's inputs
     keys: tuple[str, ...]  # the forward's image inputs, in the batch under these names
 
     def encode(self, images: Sequence) -> dict[str, torch.Tensor]:
-        out = self.image_processor(images=list(images), return_tensors="pt")
+        """The image inputs of `processor(text, images)` from the images alone (a student's pixels from
+        the cache's image files): the image processor called with the options the processor itself
+        passes it (its defaults merged with the checkpoint's: InternVL's `crop_to_patches`, ...)."""
+        proc = self.processor
+        kwargs = proc._merge_kwargs(proc.valid_processor_kwargs, tokenizer_init_kwargs=proc.tokenizer.init_kwargs)
+        out = proc.image_processor(images=list(images), **{**kwargs["images_kwargs"], "return_tensors": "pt"})
         return {k: out[k] for k in self.keys}
 
     def batch(self, rows: Sequence[dict | None]) -> dict[str, torch.Tensor] | None:

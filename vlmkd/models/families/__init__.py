@@ -10,11 +10,12 @@ from vlmkd.errors import ModelError
 from vlmkd.models.families.base import Family
 from vlmkd.models.families.gemma3 import FAMILY as GEMMA3
 from vlmkd.models.families.idefics3 import FAMILY as IDEFICS3
+from vlmkd.models.families.internvl import FAMILY as INTERNVL
 from vlmkd.models.families.llava import FAMILY as LLAVA
 from vlmkd.models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlmkd.models.families.qwen3_vl import FAMILY as QWEN3_VL
 
-FAMILIES: tuple[Family, ...] = (IDEFICS3, LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3)
+FAMILIES: tuple[Family, ...] = (IDEFICS3, LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 

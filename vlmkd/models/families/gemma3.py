@@ -82,7 +82,7 @@ def layout(config, tok, processor) -> Layout:
     def count(inputs: dict) -> int:
         return int(inputs["pixel_values"].shape[0]) * per_image
 
-    visual = VisualInputs(processor.image_processor, count, ("pixel_values",))
+    visual = VisualInputs(processor, count, ("pixel_values",))
     return Layout(config.model_type, config.image_token_index, None, None, None,
                   config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
                   token_types="token_type_ids")

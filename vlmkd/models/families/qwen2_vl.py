@@ -87,7 +87,7 @@ def layout(config, tok, processor) -> Layout:
     def count(inputs: dict) -> int:
         return int(inputs["image_grid_thw"].prod(-1).sum()) // merge**2
 
-    visual = VisualInputs(processor.image_processor, count, ("pixel_values", "image_grid_thw"))
+    visual = VisualInputs(processor, count, ("pixel_values", "image_grid_thw"))
     return Layout(config.model_type, config.image_token_id, None, None, None,
                   config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
                   token_types="mm_token_type_ids")

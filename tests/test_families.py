@@ -26,11 +26,14 @@ from vlmkd.models.families import family_of, supported
 from vlmkd.models.probe import probe, visual_states
 from vlmkd.models.tokenizer import train_family_tokenizer
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"]
-DYNAMIC = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}  # any visual-token count per image (and the video slot: torchvision)
-TILED = {"internvl"}  # a count per tile grid, which the image's aspect ratio decides (and the video slot)
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_next", "llava_onevision", "smolvlm", "mistral3", "paligemma"]
+DYNAMIC = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3"}  # any visual-token count per image
+TILED = {"internvl", "llava_next", "llava_onevision", "smolvlm"}
+PREFIX = {"paligemma"}  # a prefix-LM without a chat template: one exchange with its image per sample
+VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "smolvlm"}  # their processors have a video processor: torchvision  # a count per tile grid, which the image's aspect ratio decides (and the video slot)
 # how each family's template writes an assistant turn: the text before its tokens, and its end-of-turn marker
-TURN = {"gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
+TURN = {"gemma3": ("<start_of_turn>model\n", "<end_of_turn>"), "smolvlm": ("Assistant:", "<end_of_utterance>"),
+        "mistral3": ("[/INST]", "</s>"), "paligemma": (None, "<eos>")}
 QWEN_TURN = ("<|im_start|>assistant\n", "<|im_end|>")
 
 
@@ -50,7 +53,8 @@ SIZES = [(96, 96), (200, 120), (40, 300), (1000, 700)]  # square, wide, tall, la
 def _spec(arch: str, text_hidden: int = 64, layers: int = 2) -> dict:
     # gemma3 reads image_size, kv_heads, sliding_window (shorter than a sample, so the probe meets it) and
     # global_every; the Qwen families read none of them
-    return {"arch": arch, "max_positions": 1024, "image_size": 64,
+    # (Mistral 3's tower fits the longest edge; at 64 a 40 x 300 image would be one patch wide: no tokens)
+    return {"arch": arch, "max_positions": 1024, "image_size": 128 if arch == "mistral3" else 64,
             "vision": {"hidden": 32, "layers": 2, "heads": 2, "patch": 8, "merge": 2, "intermediate": 64},
             "text": {"hidden": text_hidden, "layers": layers, "heads": 2, "kv_heads": 1, "intermediate": 2 * text_hidden,
                      "sliding_window": 12, "global_every": 2}}
@@ -73,7 +77,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request, tmp_path_factory):
     arch = request.param
-    if arch in DYNAMIC | TILED and _torchvision_reason() is not None:
+    if arch in VIDEO_SLOT and _torchvision_reason() is not None:
         pytest.skip(f"{arch}'s processor needs torchvision ({_torchvision_reason()}); install with "
                     "tools/install_vllm.sh .venv --torchvision")
     tok = train_family_tokenizer([" ".join(WORDS)] * 4, family_of(arch).tokens, vocab_size=400)
@@ -82,21 +86,35 @@ def family_model(request, tmp_path_factory):
     return arch, out
 
 
-def _samples(images) -> list[Sample]:
+def _samples(images, arch: str = "") -> list[Sample]:
+    """One sample per image (every other one with a second exchange) and a text-only one with a system
+    turn; for a prefix-LM (PaliGemma), which takes one exchange with its image, single exchanges only."""
     out = []
     for i, p in enumerate(images):
         turns = (Turn("user", "<image>\nWhat color is the circle?"), Turn("assistant", "red"))
-        if i % 2:
+        if i % 2 and arch not in PREFIX:
             turns += (Turn("user", "how many shapes are there?"), Turn("assistant", "two small shapes"))
         out.append(Sample(f"s{i}", (p,), turns))
-    out.append(Sample("text", (), (Turn("system", "describe"), Turn("user", "what color is red?"),
-                                   Turn("assistant", "red"))))
+    if arch not in PREFIX:
+        out.append(Sample("text", (), (Turn("system", "describe"), Turn("user", "what color is red?"),
+                                       Turn("assistant", "red"))))
     return out
 
 
-def _reference_labels(ids: np.ndarray, tok, arch: str) -> np.ndarray:
+def _two(images, arch: str) -> Sample:
+    """Two images in one sample, in two exchanges (one for a prefix-LM)."""
+    turns = (Turn("user", "<image> and <image>\nWhat color is the circle?"), Turn("assistant", "red"))
+    if arch not in PREFIX:
+        turns += (Turn("user", "how many shapes are there?"), Turn("assistant", "two"))
+    return Sample("two", (images[1], images[2]), turns)
+
+
+def _reference_labels(ids: np.ndarray, tok, arch: str, ref) -> np.ndarray:
     """Independent of the prefix method: every token after the family's assistant-turn head (Qwen's
-    `<|im_start|>assistant\\n`, Gemma's `<start_of_turn>model\\n`) up to and including the next end-of-turn."""
+    `<|im_start|>assistant\\n`, Gemma's `<start_of_turn>model\\n`) up to and including the next end-of-turn;
+    for a prefix-LM, the suffix its processor marks (`token_type_ids`)."""
+    if arch in PREFIX:
+        return ref["token_type_ids"][0].numpy().astype(bool)
     head_text, end_text = TURN.get(arch, QWEN_TURN)
     head = tok(head_text, add_special_tokens=False)["input_ids"]
     end = tok.convert_tokens_to_ids(end_text)
@@ -115,12 +133,25 @@ def _reference_labels(ids: np.ndarray, tok, arch: str) -> np.ndarray:
 
 def _reference(proc, turns, images, generation_prompt=False):
     """What the family's processor gives for a conversation, the way a user calls it: the images in
-    the messages, `apply_chat_template(..., tokenize=True)` (which also decides the BOS)."""
+    the messages, `apply_chat_template(..., tokenize=True)` (which also decides the BOS); a prefix-LM's
+    (PaliGemma: no chat template) `processor(text=prompt, images=..., suffix=answer)` as its docs call it."""
+    if type(proc).__name__ == "PaliGemmaProcessor":
+        prompt = " ".join(p.strip() for p in turns[0].text.split("<image>") if p.strip())
+        extra = {} if generation_prompt else {"suffix": turns[1].text}
+        return proc(text=prompt, images=[list(images)], return_tensors="pt", **extra)
     left = list(images)
     msgs = [{**m, "content": [{**c, "image": left.pop(0)} if c["type"] == "image" else c for c in m["content"]]}
             for m in messages_of(turns)]
     return proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
                                     add_generation_prompt=generation_prompt)
+
+
+def _several(arch: str, proc, singles: list[int]) -> int:
+    """The visual tokens of a sample with these images: each its own count, but LLaVA-OneVision reads
+    the images of a several-image sample as base views only (its tokens and one newline each)."""
+    if arch == "llava_onevision":
+        return len(singles) * (proc.num_image_tokens + 1)
+    return sum(singles)
 
 
 def test_an_unknown_model_type_is_refused_naming_the_supported_list():
@@ -136,14 +167,14 @@ def test_ids_label_masks_and_pixels_equal_the_family_processor(family_model, ima
     model, tok = load_model(path)
     enc, lay = data_tokenizer(model, tok)
     proc = AutoProcessor.from_pretrained(str(path))  # the processor as a user loads it from the checkpoint
-    samples = _samples(images)
+    samples = _samples(images, arch)
     items = encode_samples(samples, enc, lay, strict=True)
     counts = set()
     for s, it in zip(samples, items, strict=True):
         imgs = [Image.open(p).convert("RGB") for p in s.images]
         ref = _reference(proc, s.turns, imgs)
         assert it.enc.input_ids.tolist() == ref["input_ids"][0].tolist(), s.id
-        np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch))
+        np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch, ref))
         end = TURN.get(arch, QWEN_TURN)[1]
         assert tok.decode(it.enc.input_ids[it.enc.labels_mask]).count(end) == len(s.exchanges())
         if imgs:
@@ -157,17 +188,15 @@ def test_ids_label_masks_and_pixels_equal_the_family_processor(family_model, ima
     # grid (several sizes share one); else one count per image
     assert len(counts) == len(images) if arch in DYNAMIC else len(counts) >= 2 if arch in TILED else len(counts) == 1
     # several images in one sample, in two turns: each placed where its placeholder stands
-    two = Sample("two", (images[1], images[2]), (Turn("user", "<image> and <image>\nWhat color is the circle?"),
-                                                 Turn("assistant", "red"), Turn("user", "how many shapes are there?"),
-                                                 Turn("assistant", "two")))
+    two = _two(images, arch)
     it = encode_samples([two], enc, lay, strict=True)[0]
     ref = _reference(proc, two.turns, [Image.open(p).convert("RGB") for p in two.images])
     assert it.enc.input_ids.tolist() == ref["input_ids"][0].tolist()
-    np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch))
+    np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch, ref))
     for k in lay.visual.keys:
         torch.testing.assert_close(it.pixels[k], ref[k], rtol=0, atol=0)
     one = {int(x.enc.image_mask.sum()) for x in items[1:3]}
-    assert int(it.enc.image_mask.sum()) == sum(int(x.enc.image_mask.sum()) for x in items[1:3]), one
+    assert int(it.enc.image_mask.sum()) == _several(arch, proc, [int(x.enc.image_mask.sum()) for x in items[1:3]]), one
     prompt = enc.encode(samples[0], with_answer=False)
     ref = _reference(proc, samples[0].turns[:1], [Image.open(images[0]).convert("RGB")], generation_prompt=True)
     assert prompt.input_ids.tolist() == ref["input_ids"][0].tolist() and not prompt.labels_mask.any()
@@ -182,6 +211,20 @@ def test_a_sample_whose_images_and_placeholders_disagree_is_refused(family_model
         enc.encode(bad)
 
 
+def test_a_prefix_lm_refuses_the_samples_its_format_has_no_place_for(images):
+    """PaliGemma (no chat template: one prompt, its images, one answer) refuses a multi-turn, a
+    system-turn and a text-only sample naming the sample and what to do, instead of flattening them."""
+    tok = train_family_tokenizer([" ".join(WORDS)] * 4, family_of("paligemma").tokens, vocab_size=400)
+    enc, _ = data_tokenizer(build_model(_spec("paligemma"), tok), tok)
+    q, a = Turn("user", "<image>\nWhat color is the circle?"), Turn("assistant", "red")
+    for sid, imgs, turns in (("multi", (images[0],), (q, a, Turn("user", "and?"), a)),
+                             ("sys", (images[0],), (Turn("system", "be brief"), q, a)),
+                             ("text", (), (Turn("user", "what color is red?"), a))):
+        with pytest.raises(DataError, match=f"sample {sid}: a prefix-LM .*one user turn.*split it into single"):
+            enc.encode(Sample(sid, imgs, turns))
+    assert enc.encode(Sample("ok", (images[0],), (q, a))).labels_mask.any()
+
+
 def test_probe_equals_the_models_eager_attentions_and_visual_tokens(family_model, images):
     arch, path = family_model
     model, tok = load_model(path)
@@ -189,7 +232,7 @@ def test_probe_equals_the_models_eager_attentions_and_visual_tokens(family_model
     model.config._attn_implementation = "eager"
     model.config.text_config._attn_implementation = "eager"
     enc, lay = data_tokenizer(model, tok)
-    items = encode_samples(_samples(images[:3]), enc, lay, strict=True)
+    items = encode_samples(_samples(images[:3], arch), enc, lay, strict=True)
     b = collate(items, lay, enc.pad_id)  # mixed visual-token counts, right padding, a text-only row
     layers = list(range(model.config.text_config.num_hidden_layers))
     with torch.no_grad(), probe(model, b["attention_mask"], layers, ["projector", "final"]) as pr:
@@ -237,13 +280,18 @@ def family_cache(family_model, images, tmp_path_factory):
 
 
 def test_the_transformers_cache_builds_with_per_sample_visual_counts(family_cache, images):
+    from transformers import AutoProcessor
+
     from vlmkd.cache.reader import CacheReader
 
     arch, path, root, out, summary = family_cache
     reader = CacheReader(out, payloads=("tokens", "topk", "attn", "hidden", "image"))
     samples = list(reader.samples(0))
     counts_ = reader.manifest["counts"]  # 27 rows = 26 samples + 1 reject (the missing image)
-    assert len(samples) == 26 and counts_ == {"rows": 27, "samples": 26, "rejects": 1}
+    # (a prefix-LM takes no text-only sample: that row is rejected too, and recorded)
+    text_rejected = int(arch in PREFIX)
+    assert len(samples) == 26 - text_rejected
+    assert counts_ == {"rows": 27, "samples": 26 - text_rejected, "rejects": 1 + text_rejected}
     model, tok = load_model(path)
     enc, lay = data_tokenizer(model, tok)
     counts = {}
@@ -258,7 +306,7 @@ def test_the_transformers_cache_builds_with_per_sample_visual_counts(family_cach
             multi = n
         else:
             assert n == 0 and "hidden" not in s
-    assert multi == next(iter(counts[0])) + next(iter(counts[1]))
+    assert multi == _several(arch, AutoProcessor.from_pretrained(str(path)), [next(iter(counts[0])), next(iter(counts[1]))])
     # the student's pixels, from the shard's image files alone, are the processor's for the sample
     from vlmkd.train.kd_data import student_pixels
 
@@ -300,8 +348,11 @@ def test_a_student_of_the_family_trains_and_its_export_loads_and_generates(famil
     assert type(proc).__name__ == type(AutoProcessor.from_pretrained(str(path))).__name__
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
     msgs[0]["content"][0]["image"] = Image.new("RGB", (120, 80), (200, 30, 30))
-    inputs = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
-                                      add_generation_prompt=True)
+    if arch in PREFIX:  # no chat template: the prompt as its docs give it
+        inputs = proc(text="What color is the circle?", images=msgs[0]["content"][0]["image"], return_tensors="pt")
+    else:
+        inputs = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                          add_generation_prompt=True)
     gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     new = gen[0, inputs["input_ids"].shape[1]:]
     assert 1 <= len(new) <= 3 and (len(new) == 3 or int(new[-1]) == proc.tokenizer.eos_token_id)
@@ -346,6 +397,8 @@ def test_a_mixed_count_batch_gives_the_per_sample_losses_of_one_sample_batches(f
             return b, {k: float(v) for k, v in obj(recipe.stages[0], model, b).items()}
 
     mixed_ids = ["r0", "r1", "t0", "m0", "r2"]  # r0, r1, r2: the three image sizes; m0: two images
+    if arch in PREFIX:
+        mixed_ids.remove("t0")
     b, mixed = losses(mixed_ids)
     # Qwen: four counts; Gemma 3 (a fixed count per image): two, m0's twice the others'
     assert len(set(b["image_mask"].sum(1).tolist()) - {0}) >= (3 if arch in DYNAMIC else 2)
@@ -356,8 +409,9 @@ def test_a_mixed_count_batch_gives_the_per_sample_losses_of_one_sample_batches(f
                "attn": [float(sb["t_qmask"].sum()) for sb, _ in singles]}
     for term, w in weights.items():
         want = sum(wi * one[term] for wi, (_, one) in zip(w, singles, strict=True)) / sum(w)
-        # a student other than the teacher: every loss far above float32 noise (squared attention gaps are small)
-        assert mixed[term] > (1e-10 if term == "attn" else 1e-4), (term, mixed[term])
+        # a student other than the teacher: every loss far above float32 noise (squared attention gaps are
+        # small, and so are squared gaps of visual tokens whose projector ends in a freshly initialised linear)
+        assert mixed[term] > (1e-10 if term == "attn" else 1e-8 if term == "align" else 1e-4), (term, mixed[term])
         assert mixed[term] == pytest.approx(want, rel=1e-4), (term, mixed[term], [o[term] for _, o in singles])
     # contrast: the probe's own per-row visual states, each row's mean, against the cache's own rows
     with torch.no_grad(), probe(model, b["attention_mask"], (), ["final"]) as pr:
@@ -393,9 +447,7 @@ def test_vllm_scores_the_family_as_transformers_does(family_model, images):
     ok, why = vllm_available(path)
     if not ok:
         pytest.skip(why)
-    samples = _samples(images) + [Sample("two", (images[1], images[2]), (
-        Turn("user", "<image> and <image>\nWhat color is the circle?"), Turn("assistant", "red"),
-        Turn("user", "how many shapes are there?"), Turn("assistant", "two")))]
+    samples = _samples(images, arch) + [_two(images, arch)]
     settings = Extraction(topk=8, score_visual=True)
     got = {}
     for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):

@@ -95,10 +95,11 @@ def collate(items: Sequence[Item], layout: Layout, pad_id: int, prompt_only: boo
 
 
 def with_token_types(batch: dict, layout: Layout) -> dict:
-    """1 on image tokens, 0 elsewhere, under the family's name for it (`Layout.token_types`), for a family
-    whose forward takes it."""
+    """The token types a family's forward takes, under its name for them (`Layout.token_types`): 1 on
+    image tokens, 0 elsewhere; or for a prefix-LM (`Layout.prefix_lm`: PaliGemma) 1 on the answer (the
+    suffix, attended causally), 0 on the prefix (image and prompt, attended both ways)."""
     if layout.token_types:
-        batch[layout.token_types] = batch["image_mask"].long()
+        batch[layout.token_types] = (batch["labels_mask"] if layout.prefix_lm else batch["image_mask"]).long()
     return batch
 
 
@@ -123,7 +124,7 @@ def pixel_batch(pixels: Sequence[np.ndarray | None], layout: Layout) -> torch.Te
 
 # every image input a family's forward takes (a batch holds those of its model's family)
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids",
-                "token_type_ids")
+                "token_type_ids", "batch_num_images")
 
 
 def model_inputs(batch: dict, device: torch.device | None = None) -> dict:

@@ -26,3 +26,6 @@ class Layout:
     # the name under which the forward takes 1 on image tokens, 0 elsewhere, if it does: Qwen's M-RoPE finds
     # the images by `mm_token_type_ids`, Gemma 3's bidirectional image attention by `token_type_ids`
     token_types: str | None = None
+    # a prefix-LM without a chat template (PaliGemma): one prompt and one answer per sample, through the
+    # processor's `suffix` (`vlmkd.data.processor.PrefixEncoder`); its token types mark the answer
+    prefix_lm: bool = False

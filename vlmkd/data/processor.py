@@ -40,17 +40,42 @@ class VisualInputs:
     def encode(self, images: Sequence) -> dict[str, torch.Tensor]:
         """The image inputs of `processor(text, images)` from the images alone (a student's pixels from
         the cache's image files): the image processor called with the options the processor itself
-        passes it (its defaults merged with the checkpoint's: InternVL's `crop_to_patches`, ...)."""
+        passes it (its defaults merged with the checkpoint's: InternVL's `crop_to_patches`, ...), through
+        the processor's own image step where it has one (Pixtral's rounds sizes to merged patches)."""
+        from transformers import ProcessorMixin
+
         proc = self.processor
         kwargs = proc._merge_kwargs(proc.valid_processor_kwargs, tokenizer_init_kwargs=proc.tokenizer.init_kwargs)
-        out = proc.image_processor(images=list(images), **{**kwargs["images_kwargs"], "return_tensors": "pt"})
+        kwargs = {**kwargs["images_kwargs"], "return_tensors": "pt"}
+        # one sample's images as one nested list, as `apply_chat_template` batches them (LLaVA-OneVision
+        # tells a several-image sample from single images by the nesting)
+        images = [list(images)]
+        if type(proc)._process_images is not ProcessorMixin._process_images:
+            out = proc._process_images(images, **kwargs)[0]
+        else:
+            out = proc.image_processor(images=images, **kwargs)
         return {k: out[k] for k in self.keys}
 
     def batch(self, rows: Sequence[dict | None]) -> dict[str, torch.Tensor] | None:
+        """The rows' inputs concatenated; a tensor the processor pads per call (LLaVA-NeXT's
+        [images, tiles, 3, H, W], tiles up to the call's most) is zero-padded to the batch's largest,
+        which the model slices off again by each image's own size."""
         real = [r for r in rows if r is not None]
         if not real:
             return None
-        return {k: torch.cat([r[k] for r in real]) for k in self.keys}
+        return {k: torch.cat(_padded([r[k] for r in real])) for k in self.keys}
+
+
+def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for p in parts:
+        if list(p.shape[1:]) != shape:
+            big = p.new_zeros((p.shape[0], *shape))
+            big[(slice(None), *(slice(0, n) for n in p.shape[1:]))] = p
+            p = big
+        out.append(p)
+    return out
 
 
 def messages_of(turns) -> list[dict]:
@@ -88,11 +113,12 @@ class ProcessorEncoder:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _process(self, text: str, images: list, tensors: str):
-        """`processor(text, images)` as `processor.apply_chat_template(..., tokenize=True)` calls it: a
-        template that writes the BOS itself (Gemma's, Llama's) gets no second one from the tokenizer."""
+        """`processor(text, images)` as `processor.apply_chat_template(..., tokenize=True)` calls it: the
+        images nested per conversation, and a template that writes the BOS itself (Gemma's, Llama's) gets
+        no second one from the tokenizer."""
         bos = self.hf.bos_token
         extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
-        return self.processor(text=[text], images=images or None, return_tensors=tensors, **extra)
+        return self.processor(text=[text], images=[list(images)] if images else None, return_tensors=tensors, **extra)
 
     def _ids(self, text: str, images: list) -> list[int]:
         return self._process(text, images, "np")["input_ids"][0].tolist()
@@ -104,32 +130,41 @@ class ProcessorEncoder:
         if not with_answer:
             turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
         images = [load_image(p, sample.id) for p in sample.images]
-        messages = messages_of(turns)
         placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
         if placeholders != len(images):
             raise DataError(f"sample {sample.id}: {len(images)} images and {placeholders} {IMAGE_PLACEHOLDER} "
                             "placeholders in its turns; give each image one placeholder")
-        text = self._render(messages, generation_prompt=not with_answer)
-        out = self._process(text, images, "pt")
+        out, labels = self._tokens(sample, turns, images, with_answer)
         ids = out["input_ids"][0].numpy().astype(np.int64)
         if len(ids) > self.max_length:
             raise DataError(f"sample {sample.id}: {len(ids)} tokens, longer than the model's {self.max_length}; "
                             "shorten it, make its images smaller (the processor's max_pixels) or raise the model's "
                             "max_position_embeddings")
+        visual = {k: out[k] for k in self.visual.keys} if images else None
+        image_mask = ids == self.image_token_id
+        expected = self.visual.count(visual) if visual is not None else 0
+        if visual is not None and expected == 0:
+            raise DataError(f"sample {sample.id}: its images make no visual tokens under the processor (too small or "
+                            "too thin for one merged patch); enlarge or drop them")
+        if int(image_mask.sum()) != expected:
+            raise DataError(f"sample {sample.id}: {int(image_mask.sum())} image tokens after processing, the images "
+                            f"make {expected} (does the text contain a literal image token?)")
+        prompt_len = int(np.argmax(labels)) if labels.any() else len(ids)
+        return Encoded(sample.id, ids, labels, image_mask, prompt_len), visual
+
+    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray]:
+        """(the processor's outputs for the conversation, its label mask): the chat template rendered,
+        each assistant turn's tokens found by its prefixes (`_span`)."""
+        messages = messages_of(turns)
+        out = self._process(self._render(messages, generation_prompt=not with_answer), images, "pt")
+        ids = out["input_ids"][0].numpy().astype(np.int64)
         labels = np.zeros(len(ids), dtype=bool)
         if with_answer:
             for i, t in enumerate(turns):
                 if t.role == "assistant":
                     start, end = self._span(messages, i, turns, images, ids, sample.id)
                     labels[start:end] = True
-        visual = {k: out[k] for k in self.visual.keys} if images else None
-        image_mask = ids == self.image_token_id
-        expected = self.visual.count(visual) if visual is not None else 0
-        if int(image_mask.sum()) != expected:
-            raise DataError(f"sample {sample.id}: {int(image_mask.sum())} image tokens after processing, the images "
-                            f"make {expected} (does the text contain a literal image token?)")
-        prompt_len = int(np.argmax(labels)) if labels.any() else len(ids)
-        return Encoded(sample.id, ids, labels, image_mask, prompt_len), visual
+        return out, labels
 
     def _span(self, messages, i: int, turns, images, ids: np.ndarray, sample_id: str) -> tuple[int, int]:
         """[start, end) of assistant turn i's response tokens in `ids`."""
@@ -155,3 +190,24 @@ class ProcessorEncoder:
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+class PrefixEncoder(ProcessorEncoder):
+    """A prefix-LM's data path (PaliGemma: no chat template): the sample is one prompt and one answer,
+    given to the processor as it documents, `processor(text=prompt, images=..., suffix=answer)`, which
+    writes the images, BOS, prompt and a newline (the prefix, attended both ways) and then the answer
+    and EOS (the suffix: the tokens learnt, `labels` != -100). A sample of several exchanges, a system
+    turn or no image is refused saying so: the format has no place for them."""
+
+    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray]:
+        roles = [t.role for t in turns]
+        if roles not in (["user", "assistant"], ["user"]) or not images:
+            raise DataError(f"sample {sample.id}: a prefix-LM without a chat template (PaliGemma) takes one user "
+                            f"turn with its image(s) and one answer; this sample has turns {roles} and "
+                            f"{len(images)} images; split it into single exchanges or use a chat family")
+        prompt = " ".join(p.strip() for p in turns[0].text.split(IMAGE_PLACEHOLDER) if p.strip())
+        prompt = self.processor.image_token * len(images) + prompt  # the images first, as the processor asks
+        extra = {"suffix": [turns[1].text.strip()]} if with_answer else {}
+        out = self.processor(text=[prompt], images=[list(images)], return_tensors="pt", **extra)
+        labels = (out["labels"][0] != -100).numpy() if with_answer else np.zeros(out["input_ids"].shape[1], dtype=bool)
+        return out, labels

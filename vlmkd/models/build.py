@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import ProcessorEncoder
+from vlmkd.data.processor import PrefixEncoder, ProcessorEncoder
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import ModelError
 from vlmkd.models.families import family_of
@@ -136,10 +136,11 @@ def data_tokenizer(model, tok) -> tuple[Tokenizer | ProcessorEncoder, Layout]:
     return config_data_tokenizer(model.config, tok, proc)
 
 
-def config_data_tokenizer(config, tok, processor=None) -> tuple[Tokenizer | ProcessorEncoder, Layout]:
+def config_data_tokenizer(config, tok, processor=None) -> tuple[Tokenizer | ProcessorEncoder | PrefixEncoder, Layout]:
     """`data_tokenizer` from a config alone (an engine that loads the weights itself: vLLM); a processor
     family takes `processor` (the checkpoint's), else its default."""
     lay = layout_of(config, tok, processor)
     if lay.processor is not None:
-        return ProcessorEncoder(lay.processor, lay.visual, lay.image_token_id, lay.max_length), lay
+        cls = PrefixEncoder if lay.prefix_lm else ProcessorEncoder
+        return cls(lay.processor, lay.visual, lay.image_token_id, lay.max_length), lay
     return Tokenizer(tok, lay.image_block, lay.image_token_id, lay.max_length), lay

@@ -24,15 +24,20 @@ def connector(model) -> torch.nn.Module:
     """The connector; with a family's further connectors (Qwen3-VL's DeepStack mergers), all of them."""
     fam = family_of(model.config.model_type)
     main = attr_path(model.model, fam.connector)
-    if not fam.more_connectors:
+    if not fam.more_connectors and not fam.connector_params:
         return main
-    return torch.nn.ModuleList([main, *(attr_path(model.model, p) for p in fam.more_connectors)])
+    held = [_Held({p: getattr(model.model, p) for p in fam.connector_params})] if fam.connector_params else []
+    return torch.nn.ModuleList([main, *(attr_path(model.model, p) for p in fam.more_connectors), *held])
 
 
-def visual_tokens_module(model) -> torch.nn.Module:
-    """The module whose output is the visual tokens as the language model receives them."""
-    fam = family_of(model.config.model_type)
-    return attr_path(model.model, fam.visual_tokens_from or fam.connector)
+class _Held(torch.nn.Module):
+    """Parameters a family keeps on the model itself (LLaVA-NeXT's `image_newline`), held by a module so
+    that the projector part owns them (the same tensors: training the part trains them)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        super().__init__()
+        for name, p in params.items():
+            self.register_parameter(name, p)
 
 
 def text_model(model) -> torch.nn.Module:

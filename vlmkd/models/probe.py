@@ -4,7 +4,9 @@ hidden states at named points. Used by the teacher cache and, with gradients, by
 Attention is recomputed only for the chosen layers, from the inputs their attention module received
 (eager math: q, k with RoPE, causal + padding mask, softmax in float32), so the forward itself keeps
 its fast kernel everywhere. Hidden points:
-- "projector": the connector's output (the visual tokens as the LLM receives them);
+- "projector": the visual tokens as the language model receives them: its input embeddings at the
+  image-token positions (the connector's output after whatever the family does to it on the way:
+  LLaVA-NeXT's unpadding and newline tokens, Qwen2.5-VL's window order undone);
 - "layer:i": the output of decoder layer i (0-based);
 - "final": the final norm's output, i.e. what the LM head sees (Y = final @ W^T).
 """
@@ -19,13 +21,13 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from vlmkd.errors import ModelError
-from vlmkd.models.parts import text_model, visual_tokens_module
+from vlmkd.models.parts import text_model
 
 
 @dataclass
 class Probe:
     attn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, T, T] probabilities
-    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # point -> [B, T, D] (projector: [B*, N, D])
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # point -> [B, T, D]
 
 
 def _attention_probs(module, hidden_states, position_embeddings, padding_mask: torch.Tensor,
@@ -84,8 +86,12 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
         handles.append(layers[li].self_attn.register_forward_hook(hook, with_kwargs=True))
     for point in hidden_points:
         if point == "projector":
-            mod = visual_tokens_module(model)
-        elif point == "final":
+            def phook(mod, args, kwargs, point=point):
+                out.hidden[point] = kwargs["inputs_embeds"]
+
+            handles.append(tm.register_forward_pre_hook(phook, with_kwargs=True))
+            continue
+        if point == "final":
             mod = tm.norm
         elif m := re.fullmatch(r"layer:(\d+)", point):
             i = int(m.group(1))
@@ -96,8 +102,6 @@ def probe(model, attention_mask: torch.Tensor, attn_layers=(), hidden_points=())
             raise ModelError(f"unknown hidden point {point!r}; use projector, final or layer:i")
 
         def hhook(mod, args, result, point=point):
-            if getattr(result, "pooler_output", None) is not None:  # a tower's output (Qwen's merged tokens)
-                result = result.pooler_output
             out.hidden[point] = result[0] if isinstance(result, tuple) else result
 
         handles.append(mod.register_forward_hook(hhook))
@@ -112,9 +116,6 @@ def visual_states(probe_out: Probe, point: str, image_mask: torch.Tensor) -> lis
     """[N_b, D] hidden states of each row's visual tokens at `point`, for the rows with an image, in row
     order; N_b may differ per row (a processor family's image sizes)."""
     h = probe_out.hidden[point]
-    counts = [int(c) for c in image_mask.sum(1) if int(c)]
-    if point == "projector":  # the connector's output: the visual tokens of all images in order
-        return list(h.reshape(-1, h.shape[-1]).split(counts))
     return [h[b][image_mask[b]] for b in range(len(image_mask)) if bool(image_mask[b].any())]
 
 

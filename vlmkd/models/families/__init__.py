@@ -12,10 +12,14 @@ from vlmkd.models.families.gemma3 import FAMILY as GEMMA3
 from vlmkd.models.families.idefics3 import FAMILY as IDEFICS3
 from vlmkd.models.families.internvl import FAMILY as INTERNVL
 from vlmkd.models.families.llava import FAMILY as LLAVA
+from vlmkd.models.families.llava_next import LLAVA_NEXT, LLAVA_ONEVISION
+from vlmkd.models.families.mistral3 import FAMILY as MISTRAL3
+from vlmkd.models.families.paligemma import FAMILY as PALIGEMMA
 from vlmkd.models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlmkd.models.families.qwen3_vl import FAMILY as QWEN3_VL
+from vlmkd.models.families.smolvlm import FAMILY as SMOLVLM
 
-FAMILIES: tuple[Family, ...] = (IDEFICS3, LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL)
+FAMILIES: tuple[Family, ...] = (IDEFICS3, LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL, LLAVA_NEXT, LLAVA_ONEVISION, SMOLVLM, MISTRAL3, PALIGEMMA)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 

@@ -41,13 +41,11 @@ class Family:
     # the connector lives inside the vision tower's module (Qwen's merger): training `vision` trains it too,
     # and a copied tower leaves it out (its output width is the language model's)
     connector_in_vision: bool = False
-    # the module whose output is the visual tokens as the language model receives them (the "projector"
-    # hidden point), when not the connector: Qwen2.5-VL's merger emits its tokens in window order and the
-    # tower's output (`pooler_output`) puts them back in image order
-    visual_tokens_from: str | None = None
     # further connector modules (Qwen3-VL's DeepStack mergers): trained with the projector, and like the
     # connector left out of a copied tower when it sits inside the tower's module
     more_connectors: tuple[str, ...] = ()
+    # parameters of the model's `.model` itself that belong to the connector (LLaVA-NeXT's `image_newline`)
+    connector_params: tuple[str, ...] = ()
     after_save: Callable | None = None  # (saved model directory) -> None: rewrite what the family's loaders need
 
 
@@ -88,6 +86,18 @@ def llama_text_config(text: dict, tok, max_positions: int):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
+
+
+def qwen2_text_config(spec: dict, tok) -> dict:
+    """A ChatML family's Qwen2 language model (InternVL's, LLaVA-OneVision's), from a recipe's `model:` section."""
+    text = spec["text"]
+    heads = text["heads"]
+    return dict(model_type="qwen2", vocab_size=len(tok), hidden_size=text["hidden"],
+                intermediate_size=text.get("intermediate", 4 * text["hidden"]), num_hidden_layers=text["layers"],
+                num_attention_heads=heads, num_key_value_heads=text.get("kv_heads", heads),
+                max_position_embeddings=spec.get("max_positions", 1024), rms_norm_eps=1e-6, bos_token_id=None,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=text.get("tie_embeddings", False))
 
 
 def vit_config(spec: dict) -> dict:

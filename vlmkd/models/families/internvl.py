@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from vlmkd.data.layout import Layout
 from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, need_torchvision
+from vlmkd.models.families.base import Family, TokenSpec, need_torchvision, qwen2_text_config
 
 # InternVL3-hf's chat template (as transformers' conversion script writes it)
 CHAT_TEMPLATE = (
@@ -40,18 +40,11 @@ def build(spec: dict, tok):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     v, text = spec["vision"], spec["text"]
-    heads = text["heads"]
     cfg = InternVLConfig(
         vision_config=dict(hidden_size=v["hidden"], num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
                            intermediate_size=v.get("intermediate", 4 * v["hidden"]),
                            image_size=spec.get("image_size", 64), patch_size=v.get("patch", 14)),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=text["hidden"],
-                         intermediate_size=text.get("intermediate", 4 * text["hidden"]),
-                         num_hidden_layers=text["layers"], num_attention_heads=heads,
-                         num_key_value_heads=text.get("kv_heads", heads),
-                         max_position_embeddings=spec.get("max_positions", 1024), rms_norm_eps=1e-6,
-                         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=text.get("tie_embeddings", False)),
+        text_config=qwen2_text_config(spec, tok),
         image_token_id=tok.convert_tokens_to_ids(NAMED["context_image_token"]),
         image_seq_length=_tokens_per_tile(spec.get("image_size", 64), v.get("patch", 14)),
         tie_word_embeddings=text.get("tie_embeddings", False))

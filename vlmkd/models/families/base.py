@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from vlmkd.data.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,22 @@ class Family:
     # parameters of the model's `.model` itself that belong to the connector (LLaVA-NeXT's `image_newline`)
     connector_params: tuple[str, ...] = ()
     after_save: Callable | None = None  # (saved model directory) -> None: rewrite what the family's loaders need
+
+
+def processor_layout(config, processor, image_token_id: int, count: Callable[[dict], int],
+                     keys: tuple[str, ...] = ("pixel_values",), **extra) -> Layout:
+    """A processor family's `Layout`: its image inputs under `keys`, `count` the visual tokens they make
+    (`extra`: `token_types`, `prefix_lm`)."""
+    from vlmkd.data.layout import Layout
+    from vlmkd.data.processor import VisualInputs
+
+    return Layout(config.model_type, image_token_id, None, None, None, config.text_config.max_position_embeddings,
+                  None, visual=VisualInputs(processor, count, keys), processor=processor, **extra)
+
+
+def per_view(tokens: int) -> Callable[[dict], int]:
+    """The count of a family whose every view (an image, a tile) makes `tokens` visual tokens."""
+    return lambda inputs: int(inputs["pixel_values"].shape[0]) * tokens
 
 
 def need_torchvision(family: str) -> None:

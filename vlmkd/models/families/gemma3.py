@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, vit_config
+from vlmkd.models.families.base import Family, TokenSpec, per_view, processor_layout, vit_config
 
 # Gemma 3's instruct chat template (a system turn is folded into the first user turn; roles alternate)
 CHAT_TEMPLATE = (
@@ -77,15 +76,8 @@ def build(spec: dict, tok):
 
 
 def layout(config, tok, processor) -> Layout:
-    per_image = config.mm_tokens_per_image
-
-    def count(inputs: dict) -> int:
-        return int(inputs["pixel_values"].shape[0]) * per_image
-
-    visual = VisualInputs(processor, count, ("pixel_values",))
-    return Layout(config.model_type, config.image_token_index, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
-                  token_types="token_type_ids")
+    return processor_layout(config, processor, config.image_token_index, per_view(config.mm_tokens_per_image),
+                            token_types="token_type_ids")
 
 
 def processor(config, tok):

@@ -15,8 +15,14 @@ vlmkd must know of it:
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, need_torchvision, qwen2_text_config
+from vlmkd.models.families.base import (
+    Family,
+    TokenSpec,
+    need_torchvision,
+    per_view,
+    processor_layout,
+    qwen2_text_config,
+)
 
 # InternVL3-hf's chat template (as transformers' conversion script writes it)
 CHAT_TEMPLATE = (
@@ -56,14 +62,7 @@ def _tokens_per_tile(image_size: int, patch: int, ratio: float = 0.5) -> int:
 
 
 def layout(config, tok, processor) -> Layout:
-    per_tile = processor.image_seq_length
-
-    def count(inputs: dict) -> int:
-        return int(inputs["pixel_values"].shape[0]) * per_tile
-
-    visual = VisualInputs(processor, count, ("pixel_values",))
-    return Layout(config.model_type, config.image_token_id, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor)
+    return processor_layout(config, processor, config.image_token_id, per_view(processor.image_seq_length))
 
 
 def processor(config, tok, max_patches: int = 4):

@@ -19,12 +19,12 @@ LLaVA-NeXT checkpoints on a ChatML LM (llava-next-72b/110b) ship too.
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
 from vlmkd.models.families.base import (
     Family,
     TokenSpec,
     llama_text_config,
     need_torchvision,
+    processor_layout,
     qwen2_text_config,
     vit_config,
 )
@@ -95,9 +95,7 @@ def layout(config, tok, processor) -> Layout:
     def count(inputs: dict) -> int:
         return sum(_image_tokens(config, processor, inputs, i) for i in range(len(inputs["image_sizes"])))
 
-    visual = VisualInputs(processor, count, keys)
-    return Layout(config.model_type, config.image_token_index, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor)
+    return processor_layout(config, processor, config.image_token_index, count, keys)
 
 
 def _image_tokens(config, processor, inputs: dict, i: int) -> int:

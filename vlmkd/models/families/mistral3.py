@@ -15,8 +15,7 @@ current date, so the prompt would change from day to day).
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec
+from vlmkd.models.families.base import Family, TokenSpec, processor_layout
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -74,9 +73,7 @@ def layout(config, tok, processor) -> Layout:
     def count(inputs: dict) -> int:
         return int(sum((int(h) // step) * (int(w) // step) for h, w in inputs["image_sizes"]))
 
-    visual = VisualInputs(processor, count, ("pixel_values", "image_sizes"))
-    return Layout(config.model_type, config.image_token_index, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor)
+    return processor_layout(config, processor, config.image_token_index, count, ("pixel_values", "image_sizes"))
 
 
 def processor(config, tok):

@@ -17,8 +17,7 @@ with no chat template. What vlmkd must know of it:
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, vit_config
+from vlmkd.models.families.base import Family, TokenSpec, per_view, processor_layout, vit_config
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -52,15 +51,8 @@ def build(spec: dict, tok):
 
 
 def layout(config, tok, processor) -> Layout:
-    per = processor.image_seq_length
-
-    def count(inputs: dict) -> int:
-        return int(inputs["pixel_values"].shape[0]) * per
-
-    visual = VisualInputs(processor, count, ("pixel_values",))
-    return Layout(config.model_type, config.image_token_index, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
-                  token_types="token_type_ids", prefix_lm=True)
+    return processor_layout(config, processor, config.image_token_index, per_view(processor.image_seq_length),
+                            token_types="token_type_ids", prefix_lm=True)
 
 
 def processor(config, tok):

@@ -10,8 +10,7 @@ flattened patches. Ids and pixels come from the checkpoint's processor and chat 
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, need_torchvision
+from vlmkd.models.families.base import Family, TokenSpec, need_torchvision, processor_layout
 
 # the Qwen2-VL-Instruct chat template (text and images; the same for Qwen2.5-VL)
 CHAT_TEMPLATE = (
@@ -87,10 +86,8 @@ def layout(config, tok, processor) -> Layout:
     def count(inputs: dict) -> int:
         return int(inputs["image_grid_thw"].prod(-1).sum()) // merge**2
 
-    visual = VisualInputs(processor, count, ("pixel_values", "image_grid_thw"))
-    return Layout(config.model_type, config.image_token_id, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor,
-                  token_types="mm_token_type_ids")
+    return processor_layout(config, processor, config.image_token_id, count, ("pixel_values", "image_grid_thw"),
+                            token_types="mm_token_type_ids")
 
 
 def processor_for(cls_name: str, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, video_cls: str = "Qwen2VLVideoProcessor"):

@@ -13,8 +13,14 @@ checkpoint's own processor. What vlmkd must know of it:
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.data.processor import VisualInputs
-from vlmkd.models.families.base import Family, TokenSpec, llama_text_config, need_torchvision, vit_config
+from vlmkd.models.families.base import (
+    Family,
+    TokenSpec,
+    llama_text_config,
+    need_torchvision,
+    processor_layout,
+    vit_config,
+)
 
 GRID = 4  # row/col tokens a tokenizer of the family has (real checkpoints: 6 x 6)
 NAMED = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>", "global_image_token": "<global-img>",
@@ -50,12 +56,10 @@ def build(spec: dict, tok):
 def layout(config, tok, processor) -> Layout:
     per = processor.image_seq_len
 
-    def count(inputs: dict) -> int:
+    def count(inputs: dict) -> int:  # [1, sub-images, 3, S, S]: one sample's
         return int(inputs["pixel_values"].shape[1]) * per
 
-    visual = VisualInputs(processor, count, ("pixel_values", "pixel_attention_mask"))
-    return Layout(config.model_type, config.image_token_id, None, None, None,
-                  config.text_config.max_position_embeddings, None, visual=visual, processor=processor)
+    return processor_layout(config, processor, config.image_token_id, count, ("pixel_values", "pixel_attention_mask"))
 
 
 def processor(config, tok, tiles_per_side: int = 2):

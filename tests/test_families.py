@@ -20,7 +20,7 @@ from PIL import Image
 from vlmkd.data.dataset import collate, encode_samples, model_inputs
 from vlmkd.data.manifest import Sample, Turn
 from vlmkd.data.processor import messages_of
-from vlmkd.errors import DataError, ModelError
+from vlmkd.errors import CacheError, DataError, ModelError
 from vlmkd.models.build import build_model, data_tokenizer, load_model, save_model
 from vlmkd.models.families import family_of, supported
 from vlmkd.models.probe import probe, visual_states
@@ -447,7 +447,15 @@ def test_vllm_scores_the_family_as_transformers_does(family_model, images):
     ok, why = vllm_available(path)
     if not ok:
         pytest.skip(why)
+    from vlmkd.teacher.vllm_backend import ONE_IMAGE, engine_prompt
+
     samples = _samples(images, arch) + [_two(images, arch)]
+    if arch in ONE_IMAGE:  # several images: refused, saying why, instead of scoring other tokens
+        _, tok = load_model(path)
+        enc, lay = data_tokenizer(load_model(path)[0], tok)
+        with pytest.raises(CacheError, match="sample two: 2 images; vLLM's .* --backend hf"):
+            engine_prompt(encode_samples(samples[-1:], enc, lay, strict=True)[0], lay)
+        samples = samples[:-1]
     settings = Extraction(topk=8, score_visual=True)
     got = {}
     for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):

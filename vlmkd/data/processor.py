@@ -134,7 +134,7 @@ class ProcessorEncoder:
         if placeholders != len(images):
             raise DataError(f"sample {sample.id}: {len(images)} images and {placeholders} {IMAGE_PLACEHOLDER} "
                             "placeholders in its turns; give each image one placeholder")
-        out, labels = self._tokens(sample, turns, images, with_answer)
+        out, labels, template_ids = self._tokens(sample, turns, images, with_answer)
         ids = out["input_ids"][0].numpy().astype(np.int64)
         if len(ids) > self.max_length:
             raise DataError(f"sample {sample.id}: {len(ids)} tokens, longer than the model's {self.max_length}; "
@@ -150,13 +150,18 @@ class ProcessorEncoder:
             raise DataError(f"sample {sample.id}: {int(image_mask.sum())} image tokens after processing, the images "
                             f"make {expected} (does the text contain a literal image token?)")
         prompt_len = int(np.argmax(labels)) if labels.any() else len(ids)
-        return Encoded(sample.id, ids, labels, image_mask, prompt_len), visual
+        return Encoded(sample.id, ids, labels, image_mask, prompt_len, template_ids), visual
 
-    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray]:
-        """(the processor's outputs for the conversation, its label mask): the chat template rendered,
-        each assistant turn's tokens found by its prefixes (`_span`)."""
+    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(the processor's outputs for the conversation, its label mask, the ids of the rendered text
+        before the processor's expansion): the chat template rendered, each assistant turn's tokens found
+        by its prefixes (`_span`)."""
         messages = messages_of(turns)
-        out = self._process(self._render(messages, generation_prompt=not with_answer), images, "pt")
+        text = self._render(messages, generation_prompt=not with_answer)
+        out = self._process(text, images, "pt")
+        bos = self.hf.bos_token  # (tokenised as `_process` has the processor do it)
+        template_ids = np.asarray(self.hf(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"],
+                                  dtype=np.int64)
         ids = out["input_ids"][0].numpy().astype(np.int64)
         labels = np.zeros(len(ids), dtype=bool)
         if with_answer:
@@ -164,7 +169,7 @@ class ProcessorEncoder:
                 if t.role == "assistant":
                     start, end = self._span(messages, i, turns, images, ids, sample.id)
                     labels[start:end] = True
-        return out, labels
+        return out, labels, template_ids
 
     def _span(self, messages, i: int, turns, images, ids: np.ndarray, sample_id: str) -> tuple[int, int]:
         """[start, end) of assistant turn i's response tokens in `ids`."""
@@ -199,7 +204,7 @@ class PrefixEncoder(ProcessorEncoder):
     and EOS (the suffix: the tokens learnt, `labels` != -100). A sample of several exchanges, a system
     turn or no image is refused saying so: the format has no place for them."""
 
-    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray]:
+    def _tokens(self, sample: Sample, turns, images: list, with_answer: bool) -> tuple[dict, np.ndarray, None]:
         roles = [t.role for t in turns]
         if roles not in (["user", "assistant"], ["user"]) or not images:
             raise DataError(f"sample {sample.id}: a prefix-LM without a chat template (PaliGemma) takes one user "
@@ -210,4 +215,4 @@ class PrefixEncoder(ProcessorEncoder):
         extra = {"suffix": [turns[1].text.strip()]} if with_answer else {}
         out = self.processor(text=[prompt], images=[list(images)], return_tensors="pt", **extra)
         labels = (out["labels"][0] != -100).numpy() if with_answer else np.zeros(out["input_ids"].shape[1], dtype=bool)
-        return out, labels
+        return out, labels, None

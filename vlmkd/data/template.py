@@ -64,6 +64,9 @@ class Encoded:
     labels_mask: np.ndarray  # bool: True on assistant tokens (the response positions R)
     image_mask: np.ndarray  # bool: True on the N visual tokens (the visual positions V)
     prompt_len: int  # tokens before the first response token (where generation starts)
+    # a processor family's ids before its processor expanded each image's placeholder (what the chat
+    # template wrote: the prompt an engine with its own copy of the processor takes, vLLM's)
+    template_ids: np.ndarray | None = None
 
 
 class Tokenizer:

@@ -63,6 +63,8 @@ def train_family_tokenizer(texts: Iterable[str], tokens, vocab_size: int = 512) 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tokens.pad, eos_token=tokens.eos,
                                    bos_token=tokens.bos, additional_special_tokens=list(tokens.special),
                                    model_max_length=32768, extra_special_tokens=dict(tokens.named or {}))
+    if tokens.words:
+        fast.add_tokens(list(tokens.words))
     fast.chat_template = tokens.chat_template
     return fast
 

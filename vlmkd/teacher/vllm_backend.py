@@ -32,8 +32,19 @@ from vlmkd.teacher.hf_backend import Extraction, HFTeacher, keep_top_p, sample_h
 # the architectures vlmkd's vLLM backend drives, and the vLLM module that implements each
 SUPPORTED = {"Idefics3ForConditionalGeneration": "idefics3", "LlavaForConditionalGeneration": "llava",
              "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-             "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+             "Qwen3VLForConditionalGeneration": "qwen3_vl", "InternVLForConditionalGeneration": "interns1",
+             "LlavaNextForConditionalGeneration": "llava_next", "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+             "SmolVLMForConditionalGeneration": "smolvlm", "Mistral3ForConditionalGeneration": "mistral3",
+             "Gemma3ForConditionalGeneration": "gemma3_mm"}
 MAX_IMAGES = 4  # images per prompt a processor family's engine takes (vLLM profiles memory for that many)
+# architectures whose attention vLLM's CPU backend does not compute as the model does (checked, per family,
+# by tests/test_families.py's parity test)
+CPU_OTHERWISE = {"Gemma3ForConditionalGeneration":
+                 "vLLM's CPU attention has no bidirectional attention within an image (Gemma 3's `mm_prefix`: "
+                 "FlexAttention and Triton only), so it scores the image tokens causally (log-probs off by up to 0.11)"}
+# families whose several-image samples vLLM reads otherwise than transformers (so it would score other tokens)
+ONE_IMAGE = {"llava_onevision": "vLLM's LLaVA-OneVision tiles every image of a several-image prompt (anyres), "
+                                "transformers' reads them as base views only"}
 
 
 def vllm_available(model_dir) -> tuple[bool, str]:
@@ -46,6 +57,8 @@ def vllm_available(model_dir) -> tuple[bool, str]:
     arch = (AutoConfig.from_pretrained(str(model_dir)).architectures or ["?"])[0]
     if arch not in SUPPORTED:
         return False, f"vLLM backend not wired for {arch} (supported: {sorted(SUPPORTED)})"
+    if arch in CPU_OTHERWISE and not torch.cuda.is_available():
+        return False, f"{CPU_OTHERWISE[arch]}; on a GPU vLLM picks an attention backend that has it (not tested here)"
     try:
         importlib.import_module(f"vllm.model_executor.models.{SUPPORTED[arch]}")
     except Exception as e:
@@ -162,7 +175,7 @@ def engine_prompt(it: Item, layout):
     """A sample as vLLM takes it: the data path's token ids with each image's tokens collapsed to the one
     placeholder the chat template writes (vLLM's processor expands it again: `check_prompt` holds it to the
     same ids), and the decoded images. Fixed-block families: the block collapses to one `<image>`; processor
-    families (Qwen): each run of image tokens to one `<|image_pad|>`."""
+    families: the chat template's own ids (`Encoded.template_ids`)."""
     from vllm.inputs import TokensPrompt
 
     ids = it.enc.input_ids.tolist()
@@ -173,9 +186,13 @@ def engine_prompt(it: Item, layout):
         if len(images) > MAX_IMAGES:
             raise CacheError(f"sample {it.sample.id}: {len(images)} images; the vLLM backend takes up to {MAX_IMAGES} "
                              "per sample (use --backend hf for it)")
-        m = it.enc.image_mask.tolist()
-        ids = [t for i, t in enumerate(ids) if not (m[i] and i and m[i - 1])]
-        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images})
+        if len(images) > 1 and layout.arch in ONE_IMAGE:
+            raise CacheError(f"sample {it.sample.id}: {len(images)} images; {ONE_IMAGE[layout.arch]}, so the vLLM "
+                             "backend takes one image per sample of this family (use --backend hf for such data)")
+        # the ids as the chat template wrote them, one placeholder per image, which vLLM's copy of the
+        # processor expands as the data path's did (Qwen's `<|image_pad|>`, InternVL's `<IMG_CONTEXT>`,
+        # LLaVA-NeXT's `<image>`, Mistral's `[IMG]`, ...)
+        return TokensPrompt(prompt_token_ids=it.enc.template_ids.tolist(), multi_modal_data={"image": images})
     block = layout.image_block
     start = int(np.argmax(it.enc.image_mask)) - block.index(layout.image_token_id)
     ids = ids[:start] + [layout.image_token_id] + ids[start + len(block):]

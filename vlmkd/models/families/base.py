@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,9 @@ class TokenSpec:
     bos: str | None = None
     # named special tokens the family's processor reads off the tokenizer (Gemma 3's boi_token, image_token, ...)
     named: dict[str, str] | None = None
+    # plain (not special) tokens the checkpoint's vocabulary has whole, which an engine's processor looks
+    # up by their text (vLLM's Gemma 3 merges the newline runs around each image: "\n" ... "\n\n\n\n")
+    words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,29 @@ def need_torchvision(family: str) -> None:
                          f"not import here ({type(e).__name__}: {str(e)[:80]}); install vlmkd with "
                          "`bash tools/install_vllm.sh .venv --torchvision`, or `pip install torchvision` matching your "
                          "torch") from None
+
+
+def hub_vision_names(out: Path) -> None:
+    """A CLIP / SigLIP tower's weights under the names the hub checkpoints have (`vision_tower.vision_model.*`:
+    LLaVA, LLaVA-NeXT, OneVision, Gemma 3, PaliGemma): transformers 5 saves the tower flat
+    (`vision_tower.embeddings...`), which it reads back but vLLM's loaders do not ("no module or
+    parameter named 'vision_tower.embeddings'")."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def hub(key: str) -> str:
+        flat = key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
+        return "vision_tower.vision_model." + key[len("vision_tower."):] if flat else key
+
+    for f in sorted(out.glob("*.safetensors")):
+        state = load_file(str(f))
+        save_file({hub(k): v.contiguous() for k, v in state.items()}, str(f), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {hub(k): v for k, v in doc["weight_map"].items()}
+        index.write_text(json.dumps(doc, indent=2))
 
 
 def attr_path(root: torch.nn.Module, dotted: str) -> torch.nn.Module:

@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 
 from vlmkd.data.layout import Layout
-from vlmkd.models.families.base import Family, TokenSpec, per_view, processor_layout, vit_config
+from vlmkd.models.families.base import (
+    Family,
+    TokenSpec,
+    hub_vision_names,
+    per_view,
+    processor_layout,
+    vit_config,
+)
 
 # Gemma 3's instruct chat template (a system turn is folded into the first user turn; roles alternate)
 CHAT_TEMPLATE = (
@@ -39,7 +46,8 @@ CHAT_TEMPLATE = (
 )
 NAMED = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
 TOKENS = TokenSpec(special=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *NAMED.values()),
-                   pad="<pad>", eos="<end_of_turn>", bos="<bos>", chat_template=CHAT_TEMPLATE, named=NAMED)
+                   pad="<pad>", eos="<end_of_turn>", bos="<bos>", chat_template=CHAT_TEMPLATE, named=NAMED,
+                   words=("\n", "\n\n", "\n\n\n", "\n\n\n\n"))
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -91,4 +99,5 @@ def processor(config, tok):
 
 
 FAMILY = Family("gemma3", ("gemma3",), vision="vision_tower", connector="multi_modal_projector", text="language_model",
-                build=build, layout=layout, processor=processor, own_processor=True, tokens=TOKENS)
+                build=build, layout=layout, processor=processor, own_processor=True, tokens=TOKENS,
+                after_save=hub_vision_names)

@@ -3,15 +3,12 @@ hub checkpoints' weight names (`vision_tower.vision_model.*`, `vlmkd.models.buil
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vlmkd.data.images import PixelSpec
 from vlmkd.data.layout import Layout
 from vlmkd.models import tokenizer as toks
-from vlmkd.models.families.base import Family, llama_text_config, vit_config
+from vlmkd.models.families.base import Family, hub_vision_names, llama_text_config, vit_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,26 +49,6 @@ def processor(config, tok):
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=config.vision_config.patch_size,
                           vision_feature_select_strategy="default", chat_template=tok.chat_template,
                           num_additional_image_tokens=1)
-
-
-def hub_vision_names(out: Path) -> None:
-    """LLaVA weights under the names LLaVA checkpoints have (`vision_tower.vision_model.*`): transformers
-    5 saves the CLIP tower flat (`vision_tower.embeddings...`), which it reads back but vLLM's LLaVA
-    loader does not ("no module or parameter named 'vision_tower.embeddings'")."""
-    from safetensors.torch import load_file, save_file
-
-    def hub(key: str) -> str:
-        flat = key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
-        return "vision_tower.vision_model." + key[len("vision_tower."):] if flat else key
-
-    for f in sorted(out.glob("*.safetensors")):
-        state = load_file(str(f))
-        save_file({hub(k): v.contiguous() for k, v in state.items()}, str(f), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.is_file():
-        doc = json.loads(index.read_text())
-        doc["weight_map"] = {hub(k): v for k, v in doc["weight_map"].items()}
-        index.write_text(json.dumps(doc, indent=2))
 
 
 FAMILY = Family("llava", ("llava",), vision="vision_tower", connector="multi_modal_projector", text="language_model",

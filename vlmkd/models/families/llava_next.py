@@ -10,6 +10,7 @@
   embeddings at the image tokens (`vlmkd.models.probe`), which holds for every family;
 - LLaVA-OneVision takes several images per sample as base views only (one newline each), which its
   processor tells from single images by the per-sample nesting and the forward by `batch_num_images`;
+- saved under the hub checkpoints' tower names (`vision_tower.vision_model.*`), as LLaVA's;
 - LLaVA-NeXT: CLIP tower, the CLS token dropped, features from the second-last layer, a Llama (or
   Mistral) LM; LLaVA-OneVision: SigLIP tower, all tokens, the last layer, a Qwen2 LM.
 The test models are saved with OneVision's ChatML template (`<image>\\n` first in each turn), which
@@ -22,6 +23,7 @@ from vlmkd.data.layout import Layout
 from vlmkd.models.families.base import (
     Family,
     TokenSpec,
+    hub_vision_names,
     llama_text_config,
     need_torchvision,
     processor_layout,
@@ -144,8 +146,8 @@ def processor_onevision(config, tok):
 
 LLAVA_NEXT = Family("llava_next", ("llava_next",), vision="vision_tower", connector="multi_modal_projector",
                     text="language_model", build=build_next, layout=layout, processor=processor_next,
-                    own_processor=True, tokens=TOKENS, connector_params=("image_newline",))
+                    own_processor=True, tokens=TOKENS, connector_params=("image_newline",), after_save=hub_vision_names)
 LLAVA_ONEVISION = Family("llava_onevision", ("llava_onevision",), vision="vision_tower",
                          connector="multi_modal_projector", text="language_model", build=build_onevision,
                          layout=layout, processor=processor_onevision, own_processor=True, tokens=TOKENS,
-                         connector_params=("image_newline",))
+                         connector_params=("image_newline",), after_save=hub_vision_names)

@@ -17,7 +17,14 @@ with no chat template. What vlmkd must know of it:
 from __future__ import annotations
 
 from vlmkd.data.layout import Layout
-from vlmkd.models.families.base import Family, TokenSpec, per_view, processor_layout, vit_config
+from vlmkd.models.families.base import (
+    Family,
+    TokenSpec,
+    hub_vision_names,
+    per_view,
+    processor_layout,
+    vit_config,
+)
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -66,4 +73,4 @@ def processor(config, tok):
 
 FAMILY = Family("paligemma", ("paligemma",), vision="vision_tower", connector="multi_modal_projector",
                 text="language_model", build=build, layout=layout, processor=processor, own_processor=True,
-                tokens=tokens())
+                tokens=tokens(), after_save=hub_vision_names)

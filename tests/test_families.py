@@ -21,18 +21,32 @@ from vlmkd.data.dataset import collate, encode_samples, model_inputs
 from vlmkd.data.manifest import Sample, Turn
 from vlmkd.data.processor import messages_of
 from vlmkd.errors import CacheError, DataError, ModelError
-from vlmkd.models.build import build_model, data_tokenizer, load_model, save_model
+from vlmkd.models.build import (
+    attach_processor,
+    build_model,
+    data_tokenizer,
+    load_model,
+    save_model,
+    saved_processor,
+)
 from vlmkd.models.families import family_of, supported
+from vlmkd.models.families.idefics3 import checkpoint_processor as idefics3_checkpoint_processor
+from vlmkd.models.families.llava import CHECKPOINT_TOKENS as LLAVA_TOKENS
+from vlmkd.models.families.smolvlm import tokens as smolvlm_tokens
 from vlmkd.models.probe import probe, visual_states
 from vlmkd.models.tokenizer import train_family_tokenizer
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_next", "llava_onevision", "smolvlm", "mistral3", "paligemma"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_next", "llava_onevision", "smolvlm", "mistral3", "paligemma", "idefics3", "llava"]
 DYNAMIC = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3"}  # any visual-token count per image
-TILED = {"internvl", "llava_next", "llava_onevision", "smolvlm"}
+TILED = {"internvl", "llava_next", "llava_onevision", "smolvlm", "idefics3"}
 PREFIX = {"paligemma"}  # a prefix-LM without a chat template: one exchange with its image per sample
+# a demo family as a real checkpoint ships it (its own chat template and processor, not vlmkd's): idefics3
+# is a SmolVLM (v1) checkpoint, image splitting on; (TokenSpec, the processor it is saved with)
+CHECKPOINTS = {"idefics3": (smolvlm_tokens(), idefics3_checkpoint_processor), "llava": (LLAVA_TOKENS, None)}
 VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "smolvlm"}  # their processors have a video processor: torchvision  # a count per tile grid, which the image's aspect ratio decides (and the video slot)
 # how each family's template writes an assistant turn: the text before its tokens, and its end-of-turn marker
 TURN = {"gemma3": ("<start_of_turn>model\n", "<end_of_turn>"), "smolvlm": ("Assistant:", "<end_of_utterance>"),
+        "idefics3": ("Assistant:", "<end_of_utterance>"), "llava": ("ASSISTANT:", None),
         "mistral3": ("[/INST]", "</s>"), "paligemma": (None, "<eos>")}
 QWEN_TURN = ("<|im_start|>assistant\n", "<|im_end|>")
 
@@ -80,9 +94,11 @@ def family_model(request, tmp_path_factory):
     if arch in VIDEO_SLOT and _torchvision_reason() is not None:
         pytest.skip(f"{arch}'s processor needs torchvision ({_torchvision_reason()}); install with "
                     "tools/install_vllm.sh .venv --torchvision")
-    tok = train_family_tokenizer([" ".join(WORDS)] * 4, family_of(arch).tokens, vocab_size=400)
+    tokens, make_processor = CHECKPOINTS.get(arch, (family_of(arch).tokens, None))
+    tok = train_family_tokenizer([" ".join(WORDS)] * 4, tokens, vocab_size=400)
     out = tmp_path_factory.mktemp(arch) / "model"
-    save_model(build_model(_spec(arch), tok), tok, out)
+    model = build_model(_spec(arch), tok)
+    save_model(model, tok, out, processor=make_processor(model.config, tok) if make_processor else None)
     return arch, out
 
 
@@ -117,6 +133,19 @@ def _reference_labels(ids: np.ndarray, tok, arch: str, ref) -> np.ndarray:
         return ref["token_type_ids"][0].numpy().astype(bool)
     head_text, end_text = TURN.get(arch, QWEN_TURN)
     head = tok(head_text, add_special_tokens=False)["input_ids"]
+    if end_text is None:  # no end-of-turn marker (LLaVA-1.5): up to the next user turn, its spaces not learnt
+        user = tok("USER:", add_special_tokens=False)["input_ids"]
+        at = lambda j, seq: ids[j: j + len(seq)].tolist() == seq  # noqa: E731
+        lab = np.zeros(len(ids), dtype=bool)
+        for i in range(len(ids)):
+            if at(i, head):
+                j = i + len(head)
+                while j < len(ids) and not at(j, user):
+                    j += 1
+                while j > i + len(head) and not tok.decode([int(ids[j - 1])]).strip():
+                    j -= 1
+                lab[i + len(head): j] = True
+        return lab
     end = tok.convert_tokens_to_ids(end_text)
     lab = np.zeros(len(ids), dtype=bool)
     i = 0
@@ -176,7 +205,7 @@ def test_ids_label_masks_and_pixels_equal_the_family_processor(family_model, ima
         assert it.enc.input_ids.tolist() == ref["input_ids"][0].tolist(), s.id
         np.testing.assert_array_equal(it.enc.labels_mask, _reference_labels(it.enc.input_ids, tok, arch, ref))
         end = TURN.get(arch, QWEN_TURN)[1]
-        assert tok.decode(it.enc.input_ids[it.enc.labels_mask]).count(end) == len(s.exchanges())
+        assert end is None or tok.decode(it.enc.input_ids[it.enc.labels_mask]).count(end) == len(s.exchanges())
         if imgs:
             assert set(it.pixels) == set(lay.visual.keys)
             for k in lay.visual.keys:  # pixel_values (and Qwen's image_grid_thw), bit for bit
@@ -376,6 +405,7 @@ def test_a_mixed_count_batch_gives_the_per_sample_losses_of_one_sample_batches(f
     print(f"student seed {seed}")
     _, hf_tok = load_model(path)
     model = build_model({**_spec(arch), "init_seed": seed}, hf_tok).eval()  # the teacher's family and width
+    attach_processor(model, saved_processor(path))  # the teacher's processor, as train-student gives a student
     assert seed == 0 or not torch.equal(model.lm_head.weight, load_model(path)[0].lm_head.weight)
     tok, layout = data_tokenizer(model, hf_tok)
     visual = ["vis", "rel", "attn", "align", "feat", "contrast"]

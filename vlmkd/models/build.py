@@ -17,10 +17,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 from vlmkd.data.layout import Layout
 from vlmkd.data.processor import PrefixEncoder, ProcessorEncoder
 from vlmkd.data.template import Tokenizer
+from vlmkd.data.template import chat_template as demo_chat_template
 from vlmkd.errors import ModelError
 from vlmkd.models.families import family_of
 from vlmkd.models.families.base import need_torchvision
 from vlmkd.models.parts import parts_of
+
+DEMO_TEMPLATES = {demo_chat_template("start"), demo_chat_template("end")}  # vlmkd's own, as the demo saves it
 
 
 def build_model(spec: dict, tok) -> torch.nn.Module:
@@ -65,13 +68,24 @@ def copy_vision(model, source_dir) -> None:
     parts_of(model)["vision"].load_state_dict(state, strict=not inner)
 
 
+def processor_path(config, tok) -> bool:
+    """Whether a model's ids, label masks and pixels come from its own processor and chat template:
+    always for a processor family; for a demo family (Idefics3, LLaVA) unless its tokenizer carries
+    vlmkd's own chat template (the demo's models, saved with it) or none at all (vlmkd's template is
+    then the only one there is), so a real SmolVLM or LLaVA-1.5 checkpoint is scored on the prompt
+    format and pixels it was trained on."""
+    fam = family_of(config.model_type)
+    own = tok.chat_template is not None and tok.chat_template not in DEMO_TEMPLATES
+    return fam.own_processor or (fam.demo_template and own)
+
+
 def layout_of(config, tok, processor=None) -> Layout:
-    """The data path's view of a model (`Layout`); a processor family needs its processor (the
+    """The data path's view of a model (`Layout`); on the processor path it needs its processor (the
     checkpoint's, or the one a model of it is saved with when none is given)."""
     fam = family_of(config.model_type)
-    if fam.own_processor and processor is None:
-        processor = fam.processor(config, tok)
-    return fam.layout(config, tok, processor)
+    if not processor_path(config, tok):
+        return fam.layout(config, tok, None)
+    return fam.layout(config, tok, processor or fam.processor(config, tok))
 
 
 def save_model(model, tok, out: str | Path, state_dict: dict | None = None, processor=None) -> Path:
@@ -85,7 +99,7 @@ def save_model(model, tok, out: str | Path, state_dict: dict | None = None, proc
     if fam.after_save is not None:
         fam.after_save(out)
     tok.save_pretrained(str(out))
-    (processor or (model_processor(model, tok) if fam.own_processor else fam.processor(model.config, tok))
+    (processor or (model_processor(model, tok) if processor_path(model.config, tok) else fam.processor(model.config, tok))
      ).save_pretrained(str(out))
     return out
 
@@ -132,7 +146,7 @@ def model_processor(model, tok):
 def data_tokenizer(model, tok) -> tuple[Tokenizer | ProcessorEncoder, Layout]:
     """The data path's tokenizer and layout for a model: vlmkd's template for the demo families, the
     checkpoint's own processor and chat template for processor families."""
-    proc = model_processor(model, tok) if family_of(model.config.model_type).own_processor else None
+    proc = model_processor(model, tok) if processor_path(model.config, tok) else None
     return config_data_tokenizer(model.config, tok, proc)
 
 

@@ -29,8 +29,7 @@ from vlmkd.data.dataset import encode_samples
 from vlmkd.data.manifest import Reject, Sample, describe
 from vlmkd.data.manifest import read_manifest as read_rows
 from vlmkd.errors import CacheError, DataError
-from vlmkd.models.build import layout_of, saved_processor
-from vlmkd.models.families import family_of
+from vlmkd.models.build import layout_of, processor_path, saved_processor
 from vlmkd.progress import bar, console
 from vlmkd.teacher.hf_backend import Extraction
 
@@ -205,8 +204,7 @@ def job_fingerprint(job: CacheJob, backend: str) -> dict:
     """What must agree for a resume (or parts being merged) to write the same cache."""
     cfg = AutoConfig.from_pretrained(str(job.teacher))
     hf_tok = AutoTokenizer.from_pretrained(str(job.teacher))
-    fam = family_of(cfg.model_type)
-    proc = saved_processor(job.teacher) if fam.own_processor else None
+    proc = saved_processor(job.teacher) if processor_path(cfg, hf_tok) else None
     layout = layout_of(cfg, hf_tok, proc)
     # a processor family's visual tokens are its image processor's: recorded (only for those families,
     # so the fingerprints of earlier caches stay as they were)

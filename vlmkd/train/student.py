@@ -17,8 +17,14 @@ from vlmkd.data.layout import Layout
 from vlmkd.data.rejects import RejectLog
 from vlmkd.data.template import Tokenizer
 from vlmkd.errors import RecipeError
-from vlmkd.models.build import attach_processor, build_model, data_tokenizer, load_model, saved_processor
-from vlmkd.models.families import family_of
+from vlmkd.models.build import (
+    attach_processor,
+    build_model,
+    data_tokenizer,
+    load_model,
+    processor_path,
+    saved_processor,
+)
 from vlmkd.models.lora import LoraSpec, add_lora
 from vlmkd.progress import bar
 from vlmkd.train.cross import Retokenizer, vocab_map
@@ -72,7 +78,7 @@ def _student(recipe, cache: Path, manifest: dict):
         if spec.get("vision_from") == "teacher":
             spec = {**spec, "vision_from": teacher}
         model = build_model(spec, hf_tok)
-        if family_of(model.config.model_type).own_processor:  # the teacher's processor: the same visual tokens
+        if processor_path(model.config, hf_tok):  # the teacher's processor: the same visual tokens
             same_family = ((Path(tok_dir) / "config.json").is_file()
                            and AutoConfig.from_pretrained(str(tok_dir)).model_type == model.config.model_type)
             proc = saved_processor(tok_dir) if same_family else None

@@ -45,6 +45,9 @@ class Family:
     # the ids and pixels come from the checkpoint's processor and chat template (`ProcessorEncoder`);
     # False: vlmkd's own template, which the demo's models are saved with (and tested equal to)
     own_processor: bool = False
+    # a demo family (Idefics3, LLaVA): vlmkd's template for models saved with it (the demo's), the
+    # checkpoint's own processor and chat template for any other (`vlmkd.models.build.processor_path`)
+    demo_template: bool = False
     tokens: TokenSpec | None = None
     # the connector lives inside the vision tower's module (Qwen's merger): training `vision` trains it too,
     # and a copied tower leaves it out (its output width is the language model's)

@@ -1,6 +1,10 @@
 """Idefics3 (SmolVLM's layout): SigLIP-style vision tower -> pixel-shuffle connector -> Llama. The
-demo's layout, because vLLM's CPU build runs it. Each image is `<fake_token_around_image><global-img>`
-+ N x `<image>` + `<fake_token_around_image>`, as its processor writes it (image splitting off)."""
+demo's layout, because vLLM's CPU build runs it. A demo model (saved with vlmkd's chat template) writes
+each image as `<fake_token_around_image><global-img>` + N x `<image>` + `<fake_token_around_image>`, as
+its processor does with image splitting off. A checkpoint with its own chat template (SmolVLM v1,
+Idefics3) is tokenised by its own processor (`vlmkd.models.build.processor_path`), image splitting as
+shipped: rows x cols tiles, each `<row_i_col_j>` + N x `<image>`, then the global view, fed as
+`pixel_values` [1, sub-images, 3, S, S] with `pixel_attention_mask` (`split_layout`, SmolVLM2's too)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 from vlmkd.data.images import PixelSpec
 from vlmkd.data.layout import Layout
 from vlmkd.models import tokenizer as toks
-from vlmkd.models.families.base import Family, llama_text_config, vit_config
+from vlmkd.models.families.base import Family, llama_text_config, processor_layout, vit_config
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -29,6 +33,8 @@ def build(spec: dict, tok):
 
 
 def layout(config, tok, processor=None) -> Layout:
+    if processor is not None:  # a checkpoint's own processor
+        return split_layout(config, processor)
     v = config.vision_config
     grid = v.image_size // v.patch_size
     n = grid * grid // (config.scale_factor**2)
@@ -55,5 +61,30 @@ def processor(config, tok):
                              chat_template=tok.chat_template)
 
 
+def split_layout(config, processor) -> Layout:
+    """The data path of an Idefics3-processor checkpoint: every sub-image (split tiles and the global
+    view) makes `image_seq_len` visual tokens."""
+    per = processor.image_seq_len
+
+    def count(inputs: dict) -> int:  # [1, sub-images, 3, S, S]: one sample's
+        return int(inputs["pixel_values"].shape[1]) * per
+
+    return processor_layout(config, processor, config.image_token_id, count, ("pixel_values", "pixel_attention_mask"))
+
+
+def checkpoint_processor(config, tok, tiles_per_side: int = 2):
+    """The processor a SmolVLM (v1) checkpoint ships, sized to the config: image splitting on (images
+    resized to `tiles_per_side` tiles on the longest edge; real checkpoints: 4 x 512 of 512), the
+    tokenizer's chat template. The tests' stand-in for such a checkpoint."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    side = config.vision_config.image_size
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": tiles_per_side * side}, max_image_size={"longest_edge": side},
+                                   do_image_splitting=True, image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
+    grid = side // config.vision_config.patch_size
+    return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=grid * grid // config.scale_factor**2,
+                             chat_template=tok.chat_template)
+
+
 FAMILY = Family("idefics3", ("idefics3",), vision="vision_model", connector="connector", text="text_model",
-                build=build, layout=layout, processor=processor)
+                build=build, layout=layout, processor=processor, demo_template=True)

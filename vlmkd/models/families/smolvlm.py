@@ -18,9 +18,9 @@ from vlmkd.models.families.base import (
     TokenSpec,
     llama_text_config,
     need_torchvision,
-    processor_layout,
     vit_config,
 )
+from vlmkd.models.families.idefics3 import split_layout
 
 GRID = 4  # row/col tokens a tokenizer of the family has (real checkpoints: 6 x 6)
 NAMED = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>", "global_image_token": "<global-img>",
@@ -54,12 +54,7 @@ def build(spec: dict, tok):
 
 
 def layout(config, tok, processor) -> Layout:
-    per = processor.image_seq_len
-
-    def count(inputs: dict) -> int:  # [1, sub-images, 3, S, S]: one sample's
-        return int(inputs["pixel_values"].shape[1]) * per
-
-    return processor_layout(config, processor, config.image_token_id, count, ("pixel_values", "pixel_attention_mask"))
+    return split_layout(config, processor)
 
 
 def processor(config, tok, tiles_per_side: int = 2):

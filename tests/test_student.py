@@ -206,3 +206,40 @@ def test_a_llava_caches_vision_tower_travels_with_it(hf_tok, shapes_dir, tmp_pat
     student = build_model({**TINY_LLAVA, "init_seed": 7, "vision_from": tmp_path / "cache" / "teacher"}, hf_tok)
     got = parts_of(student)["vision"].state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_student_assembled_from_parts_starts_from_its_language_models_weights(kd_cache, hf_tok, shapes_dir, tmp_path):
+    """The LLaVA way: the teacher's vision tower, a new projector, a pretrained language model from its
+    own folder (`text_from`), which must share the teacher's tokenizer; the student trains from the cache."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vlmkd.errors import ModelError
+    from vlmkd.models.build import build_model
+    from vlmkd.models.families.base import llama_text_config
+    from vlmkd.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(3)
+    lm = LlamaForCausalLM(llama_text_config({"hidden": 48, "layers": 2, "heads": 2, "intermediate": 96}, hf_tok, 128))
+    lm.save_pretrained(str(tmp_path / "lm"))
+    hf_tok.save_pretrained(str(tmp_path / "lm"))
+    spec = {k: v for k, v in STUDENT.items() if k != "text"}
+    spec = {**spec, "vision_from": None, "text_from": str(tmp_path / "lm")}
+    student = build_model(spec, hf_tok)
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(student.model.text_model.state_dict()[k], v), k
+    assert torch.equal(student.lm_head.weight, lm.lm_head.weight)
+    assert student.config.text_config.hidden_size == 48
+    # trains from the cache with the teacher's tower
+    stage = {"name": "kd", "steps": 3, "lr": 1e-3, "warmup": 1, "batch_size": 4, "trainable": ["projector", "llm"],
+             "losses": {"ce": 1.0, "res": 1.0}}
+    path = tmp_path / "parts.yaml"
+    path.write_text(yaml.safe_dump({"name": "parts", "model": {**spec, "vision_from": "teacher"}, "eval_every": 1000,
+                                    "eval_samples": 4, "log_every": 1, "stages": [stage]}))
+    train_student_run(path, kd_cache, tmp_path / "run", val=shapes_dir / "val.json")
+    assert len(_terms(tmp_path / "run")) == 3
+    # an LM with another tokenizer is refused, naming why
+    other = train_tokenizer(["a completely different corpus of words"] * 4)
+    other.save_pretrained(str(tmp_path / "lm"))
+    with pytest.raises(ModelError, match="its tokenizer is not the teacher's"):
+        build_model(spec, hf_tok)

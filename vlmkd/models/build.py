@@ -21,7 +21,7 @@ from vlmkd.data.template import chat_template as demo_chat_template
 from vlmkd.errors import ModelError
 from vlmkd.models.families import family_of
 from vlmkd.models.families.base import need_torchvision
-from vlmkd.models.parts import parts_of
+from vlmkd.models.parts import parts_of, text_model
 
 DEMO_TEMPLATES = {demo_chat_template("start"), demo_chat_template("end")}  # vlmkd's own, as the demo saves it
 
@@ -31,12 +31,64 @@ def build_model(spec: dict, tok) -> torch.nn.Module:
     tokenizer (the family module reads the section)."""
     arch = spec.get("arch", "idefics3")
     torch.manual_seed(spec.get("init_seed", 0))
+    lm = None
+    if spec.get("text_from"):
+        lm = language_model_from(spec["text_from"], tok)
+        spec = {**spec, "text": text_spec_of(lm.config)}
     model = family_of(arch).build(spec, tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     if spec.get("vision_from"):
         copy_vision(model, spec["vision_from"])
+    if lm is not None:
+        copy_language_model(model, lm, spec["text_from"])
     return model
+
+
+def language_model_from(source_dir, tok):
+    """A pretrained language model (`AutoModelForCausalLM`) for a student assembled the LLaVA way (the
+    teacher's vision tower, a new projector, this LM): it must read the teacher's token ids, so its
+    tokenizer, where the folder has one, must be the teacher's, and its vocabulary the tokenizer's size."""
+    from transformers import AutoModelForCausalLM
+
+    source_dir = Path(source_dir)
+    if not (source_dir / "config.json").is_file():
+        raise ModelError(f"text_from {source_dir}: not a model directory (no config.json)")
+    if any((source_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        own = AutoTokenizer.from_pretrained(str(source_dir))
+        if own.get_vocab() != tok.get_vocab():
+            raise ModelError(f"text_from {source_dir}: its tokenizer is not the teacher's ({len(own)} vs {len(tok)} "
+                             "tokens, or other ids): a student assembled from parts reads the cache's token ids, so "
+                             "its language model must share the teacher's tokenizer")
+    lm = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32)
+    if lm.config.vocab_size != len(tok):
+        raise ModelError(f"text_from {source_dir}: its vocabulary has {lm.config.vocab_size} rows, the teacher's "
+                         f"tokenizer {len(tok)} tokens; resize it to the tokenizer first")
+    return lm
+
+
+def text_spec_of(config) -> dict:
+    """A recipe's `text:` section read off a language model's config (the student's LM is then that one)."""
+    heads = config.num_attention_heads
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "intermediate": config.intermediate_size, "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "tie_embeddings": bool(config.tie_word_embeddings)}
+
+
+def copy_language_model(model, lm, source_dir) -> None:
+    """The student's language model and LM head from `lm`'s weights; the architectures must match (a
+    Llama LM for the Idefics3 and LLaVA families, a Qwen2 LM for InternVL and LLaVA-OneVision, ...)."""
+    target = text_model(model)
+    src = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    want = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in src.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+        raise ModelError(f"text_from {source_dir}: its {type(src).__name__} differs from the family's language model "
+                         f"{type(target).__name__} (first differences: {diff}); use an LM of the family's architecture")
+    target.load_state_dict(src.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
 
 
 def copy_vision(model, source_dir) -> None:

@@ -89,14 +89,19 @@ def _terms_on_self(teacher_dir, cache, args=None, shift=0):
         return {k: float(v) for k, v in objective(stage, model, batch).items()}
 
 
-def test_teacher_distilled_into_itself_gives_every_term_zero_and_a_shift_is_caught(trained_tiny_teacher, self_cache):
-    same = _terms_on_self(trained_tiny_teacher, self_cache)
+@pytest.mark.parametrize("args", [
+    None,  # vlmkd's defaults
+    {"attn_kind": "kl_raw", "align_kind": "authors", "focus_layers": [0], "align_top_k": 4, "feat_point": "final"},
+], ids=["vlmkd", "align_kd_authors"])
+def test_teacher_distilled_into_itself_gives_every_term_zero_and_a_shift_is_caught(trained_tiny_teacher, self_cache,
+                                                                                     args):
+    same = _terms_on_self(trained_tiny_teacher, self_cache, args)
     print("aligned:", same)
     # float16 hidden states / attention and the 8-bit top-k codes are the only differences
     assert same["res"] < 2e-3 and same["vis"] < 2e-3, same
     for k in ("rel", "attn", "align", "feat"):
         assert abs(same[k]) < 1e-4, (k, same)
-    shifted = _terms_on_self(trained_tiny_teacher, self_cache, shift=1)
+    shifted = _terms_on_self(trained_tiny_teacher, self_cache, args, shift=1)
     print("shifted by one position:", shifted)
     for k in LOSSES:
         assert shifted[k] > 20 * max(same[k], 1e-8), (k, same[k], shifted[k])

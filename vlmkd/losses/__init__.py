@@ -3,7 +3,7 @@
 See docs/API.md for arguments, shapes and reductions.
 """
 
-from vlmkd.losses.attention import attention_kd, focus_align, text_focus
+from vlmkd.losses.attention import attention_kd, focus_align, text_focus, top_focus_align
 from vlmkd.losses.contrastive import info_nce, pooled
 from vlmkd.losses.feature import feature_kd
 from vlmkd.losses.logit import LOSSES, SAMPLED_LOSSES, logit_kd, sampled_kd
@@ -31,4 +31,5 @@ __all__ = [
     "response_ce",
     "sampled_kd",
     "text_focus",
+    "top_focus_align",
 ]

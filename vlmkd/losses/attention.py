@@ -20,6 +20,8 @@ def attention_kd(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: t
     mse: mean squared difference per entry over masked queries (each query's mean over its row's keys).
     kl: each query's attention renormalised over the visual keys, KL(teacher || student), mean over
     masked queries and layers.
+    kl_raw: Align-KD's own (the authors' `get_vt_loss`): per entry (t + eps) log((t + eps) / (s + eps)),
+    unnormalised, mean over the masked queries' real (query, key) entries and layers.
     """
     m = mask[:, None, :].expand(student_attn.shape[:3])
     if kind == "mse":
@@ -36,7 +38,13 @@ def attention_kd(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: t
         pt = pt / pt.sum(-1, keepdim=True).clamp_min(eps)
         kl = (pt * ((pt + eps).log() - (ps + eps).log())).sum(-1)
         return kl[m].mean() if m.any() else student_attn.sum() * 0
-    raise ValueError(f"unknown attention loss {kind!r}; choose mse or kl")
+    if kind == "kl_raw":
+        pt = teacher_attn.to(student_attn.dtype)
+        d = (pt + eps) * ((pt + eps).log() - (student_attn + eps).log())
+        k = torch.ones_like(d) if key_mask is None else key_mask[:, None, None, :].to(d.dtype).expand_as(d)
+        w = k * m[..., None].to(d.dtype)
+        return (d * w).sum() / w.sum() if m.any() else student_attn.sum() * 0
+    raise ValueError(f"unknown attention loss {kind!r}; choose mse, kl or kl_raw")
 
 
 def text_focus(teacher_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,3 +63,22 @@ def focus_align(student_vis: torch.Tensor, teacher_vis: torch.Tensor, weights: t
     """
     d = ((student_vis - teacher_vis.to(student_vis.dtype)) ** 2).mean(-1)
     return (weights.to(d.dtype) * d).sum(-1).mean()
+
+
+def top_focus_align(student_vis: torch.Tensor, teacher_vis: torch.Tensor, focus: torch.Tensor, top_k: int = 32,
+                    top_weight: float = 0.1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Align-KD's projection alignment as its authors compute it (`get_v_loss`): the mean squared
+    difference over every visual token, plus `top_weight` x the same over each row's `top_k` tokens
+    the text attends to most (by `focus` [B, N]; a row with fewer real tokens takes all of them).
+
+    student_vis, teacher_vis [B, N, D] at one width (the learned map already applied); mask [B, N] of
+    real tokens when rows have different counts (padded tokens count nowhere).
+    """
+    d = ((student_vis - teacher_vis.to(student_vis.dtype)) ** 2).mean(-1)  # [B, N]
+    real = torch.ones_like(d, dtype=torch.bool) if mask is None else mask
+    plain = d[real].mean()
+    k = min(top_k, d.shape[1])
+    idx = focus.masked_fill(~real, float("-inf")).topk(k, dim=-1).indices
+    picked = real.gather(1, idx)
+    top = d.gather(1, idx)[picked].mean()
+    return plain + top_weight * top

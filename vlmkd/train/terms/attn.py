@@ -16,13 +16,13 @@ from vlmkd.train.terms.base import Setup, Step, Term
 
 @dataclass
 class AttnOptions:
-    attn_kind: str = "mse"  # mse | kl
+    attn_kind: str = "mse"  # mse | kl | kl_raw (Align-KD's authors': unnormalised, per entry)
     attn_layers: list[int] | None = None  # default: every cached layer
     layer_map: str | dict | None = None  # student -> teacher layer pairs (vlmkd.train.layer_map)
 
     def __post_init__(self):
-        if self.attn_kind not in ("mse", "kl"):
-            raise RecipeError(f"loss_args.attn_kind {self.attn_kind!r}: choose mse or kl")
+        if self.attn_kind not in ("mse", "kl", "kl_raw"):
+            raise RecipeError(f"loss_args.attn_kind {self.attn_kind!r}: choose mse, kl or kl_raw")
 
 
 class Attn(Term):

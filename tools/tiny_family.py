@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--single-images", action="store_true",
+                    help="no two-image rows (vLLM's LLaVA-OneVision backend refuses them)")
     args = ap.parse_args()
 
     from vlmkd.models.build import build_model, save_model
@@ -58,7 +60,7 @@ def main() -> None:
         if kind == 3:
             rows.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "how many shapes are there?"},
                                                           {"from": "gpt", "value": "two"}]})
-        elif kind == 2:
+        elif kind == 2 and not args.single_images:
             rows.append({"id": f"m{i}", "images": images[:2], "messages": [
                 {"role": "user", "content": "<image><image>What color is the circle?"},
                 {"role": "assistant", "content": WORDS[8 + i % 4]}]})

@@ -214,3 +214,50 @@ def test_raw_parity_per_layout(layout, hf_tok, shapes_dir, tmp_path):
     rows, other, worst_lp, worst_tail = (stats[k] for k in ("rows", "other_sets", "worst_dlogp", "worst_tail"))
     print(layout, stats)
     assert other <= 0.001 * rows and worst_lp <= 1e-4 and worst_tail <= 1e-4, (other, rows, worst_lp, worst_tail)
+
+
+# vLLM per model family (#23): the family fixtures of tests/test_families.py (tiny random models of every
+# family, images of four sizes), here so that this module is where every vLLM parity test lives
+from test_families import _samples, _two, family_model, images  # noqa: E402, F401
+
+from vlmkd.data.dataset import encode_samples  # noqa: E402
+from vlmkd.errors import CacheError  # noqa: E402
+from vlmkd.models.build import data_tokenizer, load_model  # noqa: E402
+
+
+def test_vllm_scores_the_family_as_transformers_does(family_model, images):  # noqa: F811 (fixtures)
+    """vLLM as the teacher engine for the family, where it loads here: the same samples (one image of
+    each size, a two-image two-turn sample, a text-only row) give the same token ids (vLLM's processor
+    re-expands each image's placeholder: `check_prompt`), the same scored positions, top-k sets equal on
+    >= 99.9 % of rows and |d log p|, tail mass within 1e-4. A family vlmkd's vLLM backend does not drive
+    (Gemma 3) is skipped with the reason `--backend auto` prints."""
+    pytest.importorskip("vllm")
+    from reference import backend_parity
+
+    from vlmkd.teacher.hf_backend import Extraction, HFTeacher
+    from vlmkd.teacher.vllm_backend import VLLMTeacher, vllm_available
+
+    arch, path = family_model
+    ok, why = vllm_available(path)
+    if not ok:
+        pytest.skip(why)
+    from vlmkd.teacher.vllm_backend import ONE_IMAGE, engine_prompt
+
+    samples = _samples(images, arch) + [_two(images, arch)]
+    if arch in ONE_IMAGE:  # several images: refused, saying why, instead of scoring other tokens
+        _, tok = load_model(path)
+        enc, lay = data_tokenizer(load_model(path)[0], tok)
+        with pytest.raises(CacheError, match="sample two: 2 images; vLLM's .* --backend hf"):
+            engine_prompt(encode_samples(samples[-1:], enc, lay, strict=True)[0], lay)
+        samples = samples[:-1]
+    settings = Extraction(topk=8, score_visual=True)
+    got = {}
+    for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):
+        teacher = cls(path, settings)
+        items = encode_samples(samples, teacher.tok, teacher.layout, strict=True)
+        got[name] = teacher.topk_arrays(items)
+        if hasattr(teacher, "close"):
+            teacher.close()
+    stats = backend_parity(got["hf"], got["vllm"])
+    print(arch, stats)
+    assert stats["other_sets"] <= 0.001 * stats["rows"] and stats["worst_dlogp"] <= 1e-4 and stats["worst_tail"] <= 1e-4, stats

@@ -38,12 +38,13 @@ from vlmkd.models.tokenizer import train_family_tokenizer
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_next", "llava_onevision", "smolvlm", "mistral3", "paligemma", "idefics3", "llava"]
 DYNAMIC = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3"}  # any visual-token count per image
-TILED = {"internvl", "llava_next", "llava_onevision", "smolvlm", "idefics3"}
+TILED = {"internvl", "llava_next", "llava_onevision", "smolvlm", "idefics3"}  # a count per tile grid (the aspect ratio's)
 PREFIX = {"paligemma"}  # a prefix-LM without a chat template: one exchange with its image per sample
-# a demo family as a real checkpoint ships it (its own chat template and processor, not vlmkd's): idefics3
-# is a SmolVLM (v1) checkpoint, image splitting on; (TokenSpec, the processor it is saved with)
+# a demo family as a real checkpoint ships it (its own chat template and processor, not vlmkd's), as
+# (TokenSpec, the processor it is saved with): idefics3 is a SmolVLM (v1) checkpoint, image splitting
+# on; llava a LLaVA-1.5-hf one (its template, CLIP's centre crop)
 CHECKPOINTS = {"idefics3": (smolvlm_tokens(), idefics3_checkpoint_processor), "llava": (LLAVA_TOKENS, None)}
-VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "smolvlm"}  # their processors have a video processor: torchvision  # a count per tile grid, which the image's aspect ratio decides (and the video slot)
+VIDEO_SLOT = {f for f in FAMILIES if family_of(f).needs_torchvision}  # processors with a video slot: torchvision
 # how each family's template writes an assistant turn: the text before its tokens, and its end-of-turn marker
 TURN = {"gemma3": ("<start_of_turn>model\n", "<end_of_turn>"), "smolvlm": ("Assistant:", "<end_of_utterance>"),
         "idefics3": ("Assistant:", "<end_of_utterance>"), "llava": ("ASSISTANT:", None),

@@ -177,7 +177,7 @@ def saved_processor(path) -> object | None:
     if not path or not any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         return None
     model_type = AutoConfig.from_pretrained(str(path)).model_type
-    if family_of(model_type).own_processor:
+    if family_of(model_type).needs_torchvision:
         need_torchvision(model_type)
     return AutoProcessor.from_pretrained(str(path))
 

@@ -48,6 +48,8 @@ class Family:
     # a demo family (Idefics3, LLaVA): vlmkd's template for models saved with it (the demo's), the
     # checkpoint's own processor and chat template for any other (`vlmkd.models.build.processor_path`)
     demo_template: bool = False
+    # transformers builds its processor only with torchvision (a video processor in its slot)
+    needs_torchvision: bool = False
     tokens: TokenSpec | None = None
     # the connector lives inside the vision tower's module (Qwen's merger): training `vision` trains it too,
     # and a copied tower leaves it out (its output width is the language model's)

@@ -82,4 +82,4 @@ def processor(config, tok, max_patches: int = 4):
 
 FAMILY = Family("internvl", ("internvl",), vision="vision_tower", connector="multi_modal_projector",
                 text="language_model", build=build, layout=layout, processor=processor, own_processor=True,
-                tokens=TOKENS)
+                tokens=TOKENS, needs_torchvision=True)

@@ -150,4 +150,4 @@ LLAVA_NEXT = Family("llava_next", ("llava_next",), vision="vision_tower", connec
 LLAVA_ONEVISION = Family("llava_onevision", ("llava_onevision",), vision="vision_tower",
                          connector="multi_modal_projector", text="language_model", build=build_onevision,
                          layout=layout, processor=processor_onevision, own_processor=True, tokens=TOKENS,
-                         connector_params=("image_newline",), after_save=hub_vision_names)
+                         connector_params=("image_newline",), after_save=hub_vision_names, needs_torchvision=True)

@@ -118,7 +118,7 @@ def processor_for(cls_name: str, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD,
 
 QWEN2_VL = Family("qwen2_vl", ("qwen2_vl",), vision="visual", connector="visual.merger", text="language_model",
                   build=build_qwen2_vl, layout=layout, processor=processor_for("Qwen2VLProcessor"), own_processor=True,
-                  tokens=TOKENS, connector_in_vision=True)
+                  tokens=TOKENS, connector_in_vision=True, needs_torchvision=True)
 QWEN2_5_VL = Family("qwen2_5_vl", ("qwen2_5_vl",), vision="visual", connector="visual.merger", text="language_model",
                     build=build_qwen2_5_vl, layout=layout, processor=processor_for("Qwen2_5_VLProcessor"),
-                    own_processor=True, tokens=TOKENS, connector_in_vision=True)
+                    own_processor=True, tokens=TOKENS, connector_in_vision=True, needs_torchvision=True)

@@ -65,5 +65,5 @@ def build(spec: dict, tok):
 FAMILY = Family("qwen3_vl", ("qwen3_vl",), vision="visual", connector="visual.merger", text="language_model",
                 build=build, layout=layout,
                 processor=processor_for("Qwen3VLProcessor", HALF, HALF, "Qwen3VLVideoProcessor"),
-                own_processor=True, tokens=TOKENS, connector_in_vision=True,
+                own_processor=True, tokens=TOKENS, connector_in_vision=True, needs_torchvision=True,
                 more_connectors=("visual.deepstack_merger_list",))

@@ -74,4 +74,5 @@ def processor(config, tok, tiles_per_side: int = 2):
 
 
 FAMILY = Family("smolvlm", ("smolvlm",), vision="vision_model", connector="connector", text="text_model",
-                build=build, layout=layout, processor=processor, own_processor=True, tokens=tokens())
+                build=build, layout=layout, processor=processor, own_processor=True, tokens=tokens(),
+                needs_torchvision=True)

@@ -116,9 +116,13 @@ class ProcessorEncoder:
         """`processor(text, images)` as `processor.apply_chat_template(..., tokenize=True)` calls it: the
         images nested per conversation, and a template that writes the BOS itself (Gemma's, Llama's) gets
         no second one from the tokenizer."""
-        bos = self.hf.bos_token
-        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        extra = {} if self._adds_bos(text) else {"add_special_tokens": False}
         return self.processor(text=[text], images=[list(images)] if images else None, return_tensors=tensors, **extra)
+
+    def _adds_bos(self, text: str) -> bool:
+        """Whether tokenising `text` adds the special tokens: not when the template wrote the BOS itself."""
+        bos = self.hf.bos_token
+        return not (bos and text.startswith(bos))
 
     def _ids(self, text: str, images: list) -> list[int]:
         return self._process(text, images, "np")["input_ids"][0].tolist()
@@ -159,9 +163,8 @@ class ProcessorEncoder:
         messages = messages_of(turns)
         text = self._render(messages, generation_prompt=not with_answer)
         out = self._process(text, images, "pt")
-        bos = self.hf.bos_token  # (tokenised as `_process` has the processor do it)
-        template_ids = np.asarray(self.hf(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"],
-                                  dtype=np.int64)
+        # (tokenised as `_process` has the processor do it)
+        template_ids = np.asarray(self.hf(text, add_special_tokens=self._adds_bos(text))["input_ids"], dtype=np.int64)
         ids = out["input_ids"][0].numpy().astype(np.int64)
         labels = np.zeros(len(ids), dtype=bool)
         if with_answer:

@@ -38,7 +38,7 @@ SUPPORTED = {"Idefics3ForConditionalGeneration": "idefics3", "LlavaForConditiona
              "Gemma3ForConditionalGeneration": "gemma3_mm"}
 MAX_IMAGES = 4  # images per prompt a processor family's engine takes (vLLM profiles memory for that many)
 # architectures whose attention vLLM's CPU backend does not compute as the model does (checked, per family,
-# by tests/test_families.py's parity test)
+# by tests/test_vllm.py's family parity test)
 CPU_OTHERWISE = {"Gemma3ForConditionalGeneration":
                  "vLLM's CPU attention has no bidirectional attention within an image (Gemma 3's `mm_prefix`: "
                  "FlexAttention and Triton only), so it scores the image tokens causally (log-probs off by up to 0.11)"}

@@ -89,9 +89,8 @@ def build_onevision(spec: dict, tok):
 
 
 def layout(config, tok, processor) -> Layout:
-    """The count is the processor's own (its placeholder expansion), read off the ids by the encoder's
-    check; here it is the number of `<image>` tokens the model fills, which `count` recomputes the way
-    the model does from the image sizes (so a processor and a model that disagree are caught)."""
+    """`count`: the `<image>` tokens the model fills, from each image's size by the processor's own rule
+    (`_get_number_of_features`), which the encoder holds to the ids the processor wrote."""
     keys = ("pixel_values", "image_sizes") + (("batch_num_images",) if config.model_type == "llava_onevision" else ())
 
     def count(inputs: dict) -> int:
@@ -105,10 +104,10 @@ def _image_tokens(config, processor, inputs: dict, i: int) -> int:
     LLaVA-OneVision sample: the base view and one newline)."""
     if "batch_num_images" in inputs and int(inputs["batch_num_images"].sum()) > 1:
         n = processor.num_image_tokens + 1
-        return n - 1 if processor.vision_feature_select_strategy == "default" else n
-    h, w = (int(x) for x in inputs["image_sizes"][i])
-    side = config.vision_config.image_size
-    n = processor._get_number_of_features(h, w, side, side)
+    else:
+        h, w = (int(x) for x in inputs["image_sizes"][i])
+        side = config.vision_config.image_size
+        n = processor._get_number_of_features(h, w, side, side)
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 

@@ -39,12 +39,8 @@ class Align(Term):
         super().__init__(opts, setup)
         setup.cache.need_full_width(f"{setup.where}: loss 'align'")
         setup.cache.need_point("projector", f"{setup.where}: loss 'align'")
-        cached = setup.cache.attn_layers
-        layers = cached if opts.focus_layers is None else opts.focus_layers
-        gone = sorted(set(layers) - set(cached))
-        if gone:
-            raise RecipeError(f"{setup.where}: focus_layers {gone} are not in the cache (it has {cached})")
-        self.focus_idx = [cached.index(li) for li in layers]
+        layers = setup.cache.attn_layers if opts.focus_layers is None else opts.focus_layers
+        self.focus_idx = setup.cache.attn_indices(layers, "focus_layers", setup.where)
         self.payloads = ("attn", "hidden")
         self.hidden_points = ("projector",)
         self.point_index = setup.cache.points.index("projector")

@@ -32,23 +32,16 @@ class Attn(Term):
 
     def __init__(self, opts: AttnOptions, setup: Setup):
         super().__init__(opts, setup)
-        cached = setup.cache.attn_layers
         self.payloads = ("attn",)
         if opts.layer_map is not None:
             pairs = layer_pairs(opts.layer_map, setup.student_layers, setup.cache.teacher.get("num_layers"))
-            gone = sorted({t for _, t in pairs} - set(cached))
-            if gone:
-                raise RecipeError(f"{setup.where}: layer_map needs the teacher's attention at layers {gone}; the "
-                                  f"cache has {cached} (a recipe's cache: attn_layers)")
+            self.teacher_idx = setup.cache.attn_indices([pt for _, pt in pairs], "layer_map's teacher layers",
+                                                        setup.where)
             self.attn_layers = tuple(sorted({ps for ps, _ in pairs}))
             self.student_idx = [self.attn_layers.index(ps) for ps, _ in pairs]
-            self.teacher_idx = [cached.index(pt) for _, pt in pairs]
         else:
-            layers = cached if opts.attn_layers is None else opts.attn_layers
-            gone = sorted(set(layers) - set(cached))
-            if gone:
-                raise RecipeError(f"{setup.where}: attn_layers {gone} are not in the cache (it has {cached}): "
-                                  f"rebuild it with --attn-layers {','.join(map(str, sorted({*cached, *gone})))}")
+            layers = setup.cache.attn_layers if opts.attn_layers is None else opts.attn_layers
+            self.teacher_idx = setup.cache.attn_indices(layers, "attn_layers", setup.where)
             self.attn_layers = tuple(layers)
             deep = [li for li in layers if li >= setup.student_layers]
             if deep:
@@ -56,7 +49,6 @@ class Attn(Term):
                                   f"{list(layers)}, and the student has {setup.student_layers} layer(s): set "
                                   f"loss_args.attn_layers to ones below {setup.student_layers}, or a layer_map")
             self.student_idx = list(range(len(layers)))
-            self.teacher_idx = [cached.index(li) for li in layers]
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch

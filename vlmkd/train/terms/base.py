@@ -105,6 +105,16 @@ class CacheFacts:
         if self.extraction.get("hidden_dim"):
             raise RecipeError(f"{where} needs full-width teacher hidden states (a cache without hidden_dim)")
 
+    def attn_indices(self, layers, key: str, where: str) -> list[int]:
+        """Where the teacher layers `layers` (a recipe's `key`) sit among the cached attention maps; a layer
+        the cache lacks is refused naming the rebuild."""
+        cached = self.attn_layers
+        gone = sorted(set(layers) - set(cached))
+        if gone:
+            raise RecipeError(f"{where}: {key} {gone} are not in the cache (it has {cached}): "
+                              f"rebuild it with --attn-layers {','.join(map(str, sorted({*cached, *gone})))}")
+        return [cached.index(li) for li in layers]
+
     def need_point(self, point: str, where: str) -> None:
         if point not in self.points:
             raise RecipeError(f"{where} needs the teacher's hidden states at {point!r}; the cache has {self.points}: "

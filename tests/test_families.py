@@ -1,7 +1,9 @@
-"""The model-family layer on the processor families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): tiny
-random models built from each family's config class, with the family's special tokens in a locally
-trained tokenizer and its chat template. Ids, label masks and pixels equal what the family processor's
-`apply_chat_template` gives; the attention probe equals the model's own eager attentions (Gemma 3's
+"""The model-family layer on every processor family (`FAMILIES`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3,
+InternVL, LLaVA-NeXT, LLaVA-OneVision, SmolVLM2, Mistral 3, PaliGemma) and on the demo families as real
+checkpoints ship them (`CHECKPOINTS`): tiny random models built from each family's config class, with the
+family's special tokens in a locally trained tokenizer and its chat template. Ids, label masks and pixels
+equal what the family processor's `apply_chat_template` gives (PaliGemma's `processor(text, images,
+suffix)`); the attention probe equals the model's own eager attentions (Gemma 3's
 sliding windows and bidirectional image blocks included); the transformers cache builds with
 per-sample visual-token counts; a student of the family trains from it and its export loads in plain
 transformers; a batch of mixed counts gives the per-sample losses."""

@@ -113,3 +113,41 @@ def test_sequence_logprob_against_float64_loop_and_gradcheck():
             for b in range(3)]
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: sequence_logprob(x, ids, mask), (logits,))
+
+
+def test_paired_questions_beside_unpaired_captions_in_one_cache(trained_tiny_teacher, shapes_dir, tmp_path):
+    """One cache for every row (tools/ablations.py): questions with preference pairs beside captions
+    without. A run whose other stage reads the captions trains; a pref stage whose batch would mix
+    paired and unpaired samples is refused naming the sample, not misread."""
+    from vlmkd.errors import CacheError
+    from vlmkd.train.student import train_student_run
+
+    records = json.loads((shapes_dir / "train.json").read_text())
+    questions = add_preference_pairs([r for r in records if r.get("question_type")][:24], 0)
+    captions = [r for r in records if r.get("kind") == "captions"][:16]
+    manifest = shapes_dir / "train_mixed_pairs.json"
+    manifest.write_text(json.dumps(questions + captions))
+    cache = tmp_path / "cache"
+    run_cache_job(CacheJob(trained_tiny_teacher, manifest, cache, Extraction(topk=8, attn_layers=[], hidden_points=[],
+                                                                             gram=False), samples_per_shard=16))
+    paired = {s["id"]: "r_input_ids" in s for s in CacheReader(cache, payloads=("tokens", "pref")).samples()}
+    assert len(paired) == 40 and sum(paired.values()) == 24
+    student = {**TINY_IDEFICS3, "vision_from": "teacher", "text": {"hidden": 32, "layers": 1, "heads": 2,
+                                                                 "intermediate": 64}}
+    stage = {"lr": 3e-3, "warmup": 1, "batch_size": 8, "trainable": ["projector", "llm"]}
+
+    def recipe(name, stages):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "model": student, "eval_every": 1000, "eval_samples": 8,
+                                        "save_every": 1000, "log_every": 1, "stages": stages}))
+        return path
+
+    ok = recipe("ok", [{**stage, "name": "pt", "data": "captions", "steps": 3, "losses": {"ce": 1.0}},
+                       {**stage, "name": "pref", "data": "questions", "steps": 3,
+                        "losses": {"ce": 1.0, "pref": 1.0}}])
+    train_student_run(ok, cache, tmp_path / "ok", val=shapes_dir / "val.json")
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if r["kind"] == "train" and "loss_pref" in r] == ["pref"] * 3
+    mixed = recipe("mixed", [{**stage, "name": "pref", "data": "all", "steps": 3, "losses": {"ce": 1.0, "pref": 1.0}}])
+    with pytest.raises(CacheError, match="has no preference pair"):
+        train_student_run(mixed, cache, tmp_path / "mixed", val=shapes_dir / "val.json")

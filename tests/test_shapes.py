@@ -155,3 +155,50 @@ def test_write_dataset_is_deterministic_and_llava_shaped(tmp_path):
 )
 def test_infer_question_type(question, qtype):
     assert infer_question_type(question) == qtype
+
+
+def _scene_from_caption(text: str) -> list[ShapeObject]:
+    import re
+
+    found = re.findall(r"a (\w+) (\w+) at the ([a-z ]+?)(?=, | and |\.$)", text)
+    return [ShapeObject(shape, color, shapes.POSITIONS.index(pos)) for color, shape, pos in found]
+
+
+def test_text_rows_answer_from_the_written_scene_and_leave_image_rows_alone(tmp_path):
+    """The pretrained regime's language corpus: each text-only row's answer re-derived from the scene as
+    written in its prompt (the caption where the image would be), deterministic, and the image rows'
+    bytes the same with or without it."""
+    rows = shapes.text_records("train", 600, seed=5)
+    assert rows == shapes.text_records("train", 600, seed=5)
+    assert len({r["id"] for r in rows}) == 600 and all("image" not in r and r["kind"] == "text" for r in rows)
+    described = 0
+    for r in rows:
+        scene_text, question = r["conversations"][0]["value"].split("\n")
+        answer = r["conversations"][1]["value"]
+        scene = _scene_from_caption(scene_text)
+        assert 1 <= len(scene) <= 4 and caption(scene) == scene_text
+        if question == shapes.CAPTION_PROMPT:
+            described += 1
+            assert answer == scene_text and "question_type" not in r
+            continue
+        qtype = infer_question_type(question)
+        assert r["question_type"] == qtype
+        by_pos = {o.position: o for o in scene}
+        if qtype in ("shape_at_position", "color_at_position"):
+            obj = by_pos.get(question.split(" at the ")[1][:-1])
+            assert answer == ("nothing" if obj is None else obj.shape if qtype == "shape_at_position" else obj.color)
+        elif qtype == "count_shape":
+            assert shapes.COUNT_WORDS.index(answer) == sum(o.shape == question.split()[2][:-1] for o in scene)
+        elif qtype == "exists_color_shape":
+            color, shape = question[len("Is there a "):-1].split()
+            assert answer == ("yes" if any(o.color == color and o.shape == shape for o in scene) else "no")
+        else:
+            shape = question[len("What color is the "):-1]
+            assert answer == next(o.color for o in scene if o.shape == shape)
+    assert 60 < described < 140  # one in six
+    plain = shapes.write_dataset(tmp_path / "a", {"train": 6}, seed=5, caption_every={"train": 2})
+    more = shapes.write_dataset(tmp_path / "b", {"train": 6}, seed=5, caption_every={"train": 2},
+                                text_rows={"train": 10}, preference={"train"})
+    a, b = json.loads(plain["train"].read_text()), json.loads(more["train"].read_text())
+    assert [{k: v for k, v in r.items() if k != "rejected"} for r in b[: len(a)]] == a
+    assert b[len(a):] == shapes.text_records("train", 10, seed=5)  # text rows carry no preference pair

@@ -243,3 +243,29 @@ def test_a_student_assembled_from_parts_starts_from_its_language_models_weights(
     other.save_pretrained(str(tmp_path / "lm"))
     with pytest.raises(ModelError, match="its tokenizer is not the teacher's"):
         build_model(spec, hf_tok)
+
+
+def test_a_language_model_pretrained_inside_a_vlm_is_saved_as_a_causal_lm(hf_tok, tmp_path):
+    """`save_language_model`: the VLM's LLM and head as an AutoModelForCausalLM that gives the VLM's own
+    logits on text, and that `text_from` starts a new student from, weight for weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vlmkd.models.build import build_model, save_language_model
+
+    spec = {k: v for k, v in STUDENT.items() if k != "vision_from"}
+    vlm = build_model({**spec, "init_seed": 4}, hf_tok).eval()
+    with torch.no_grad():
+        for p in vlm.parameters():  # not the init's symmetric values: every tensor must be carried
+            p.add_(torch.randn_like(p) * 0.02)
+    save_language_model(vlm, hf_tok, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm")).eval()
+    ids = torch.tensor([hf_tok("a red circle at the top left.\nWhat color is the circle?")["input_ids"]])
+    with torch.no_grad():
+        want = vlm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    student = build_model({**spec, "text_from": str(tmp_path / "lm"), "init_seed": 9}, hf_tok)
+    assert all(torch.equal(a, b) for a, b in zip(student.model.text_model.state_dict().values(),
+                                                 vlm.model.text_model.state_dict().values(), strict=True))
+    assert torch.equal(student.lm_head.weight, vlm.lm_head.weight)

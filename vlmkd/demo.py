@@ -29,6 +29,14 @@ QUICK = {"sizes": {"train": 300, "val": 100, "test": 100}, "max_steps": 30, "stu
 # and a cache through the transformers backend: about 10 minutes on 2 cores
 MINI = {"sizes": {"train": 6000, "val": 300, "test": 500}, "max_steps": None, "student_steps": None,
         "test_limit": None, "backend": "hf", "teacher": "teacher_quick.yaml", "captions": False}
+# the two regimes of `tools/ablations.py` (each paper's ablation), at MINI's size, with what every
+# ablation row needs in one cache per regime: captions (LLaVA-KD's DPT) and preference pairs (LLaVA-MoD)
+# - scratch: today's demo regime (the image after the question, every model from scratch)
+# - pretrained: the papers' (the image first; teacher and student LLMs pretrained on text rows first,
+#   the students assembled from the teacher's tower, a new projector and that LLM: `student_lm`)
+SCRATCH = {**MINI, "captions": True, "preference": True}
+PRETRAINED = {**MINI, "captions": True, "preference": True, "text_rows": 20000, "teacher": "teacher_pretrained.yaml",
+              "student_lm": "student_lm.yaml"}
 
 
 def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
@@ -42,7 +50,9 @@ def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
             # captioning stages of the teacher and of LLaVA-KD's DPT)
             write_dataset(data, cfg["sizes"], seed=0, questions_per_image={"train": 1},
                           caption_every={"train": 2} if cfg["captions"] else {}, balanced={"train"},
-                          progress=lambda s, n: p.update(tasks[s], advance=n))
+                          progress=lambda s, n: p.update(tasks[s], advance=n),
+                          preference={"train"} if cfg.get("preference") else set(),
+                          text_rows={"train": cfg["text_rows"]} if cfg.get("text_rows") else None)
     console.print(f"data: {data}")
     teacher = out / "teacher"
     if not (teacher / "config.json").is_file():
@@ -53,6 +63,21 @@ def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
                            backend=cfg["backend"], val=data / "val.json"))
     console.print(f"cache: {cache}")
     return data, teacher, cache
+
+
+def build_student_lm(out: Path, cfg: dict, cache: Path) -> Path:
+    """OUT/student_lm: the regime's pretrained student language model (a causal LM with the teacher's
+    tokenizer), trained by `cfg["student_lm"]` on the cache's text-only rows, then its LLM saved alone."""
+    from vlmkd.models.build import load_model, save_language_model
+
+    lm_dir = Path(out) / "student_lm"
+    if not (lm_dir / "config.json").is_file():
+        run = Path(out) / "runs" / "student_lm"
+        res = train_student_run(PIPELINES / cfg["student_lm"], cache, run, val=Path(out) / "data" / "val.json")
+        model, tok = load_model(res.model_dir)
+        save_language_model(model, tok, lm_dir)
+    console.print(f"student language model: {lm_dir}")
+    return lm_dir
 
 
 def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:

@@ -38,6 +38,8 @@ def decode_sample(key: str, members: dict[str, bytes], payloads: tuple[str, ...]
         for p in payloads:
             if p not in members and p in fmt.VISUAL_PAYLOADS and meta.get("visual_tokens") == 0:
                 continue  # a text-only sample has no image and nothing on visual tokens
+            if p == "pref" and p not in members:
+                continue  # a sample without a `rejected` answer has no pair (a caption beside the questions)
             if p not in members:
                 raise CacheError(f"shard {shard}: sample {key} ({meta['id']}) has no {p!r} payload")
             if p == "image":  # the image files as on disk, all of a sample's (format 2: `images` has the 2nd on)

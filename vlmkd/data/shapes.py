@@ -192,6 +192,31 @@ def generate_split(
         yield i, render(scene), recs
 
 
+def text_records(split: str, n: int, seed: int, balanced: bool = False) -> list[dict]:
+    """`n` text-only rows (`kind: text`): a scene written out as its caption where the image would be,
+    then a question about it or the request to describe it (one in six), answered as the image rows are.
+    The language-pretraining corpus of the pretrained-student regime: a language model that has read
+    these can answer the questions from words, as a real VLM's LLM could before it saw an image; the
+    VLM's image then stands where the caption stood. Scenes come from their own generator stream
+    ([seed, split, i, 1]), so the image rows' bytes do not change."""
+    split_id = SPLITS.index(split)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_id, i, 1])
+        scene = sample_scene(rng)
+        if rng.random() < 1 / 6:
+            qtype, question, answer = None, CAPTION_PROMPT, caption(scene)
+        else:
+            qtype, question, answer = random_question(scene, rng, balanced)
+        rec = {"id": f"shapes-{split}-text-{i:06d}", "kind": "text",
+               "conversations": [{"from": "human", "value": f"{caption(scene)}\n{question}"},
+                                 {"from": "gpt", "value": answer}]}
+        if qtype is not None:
+            rec["question_type"] = QUESTION_TYPES[qtype]
+        out.append(rec)
+    return out
+
+
 def wrong_answer(question_type: str, answer: str, rng: np.random.Generator) -> str:
     """A plausible wrong one-word answer of the same kind (LLaVA-MoD preference pairs): another colour,
     shape or count word, "nothing" for an occupied cell (or a shape / colour for an empty one), and the
@@ -227,9 +252,12 @@ def write_dataset(
     turns: dict[str, int] | None = None,
     balanced: set[str] | frozenset[str] = frozenset(),
     preference: set[str] | frozenset[str] = frozenset(),
+    text_rows: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Write `out/{split}.json` (LLaVA conversation JSON) and `out/images/{split}/*.png`; splits in
-    `preference` get a `rejected` answer on every single-question record (`add_preference_pairs`)."""
+    `preference` get a `rejected` answer on every single-question record (`add_preference_pairs`);
+    `text_rows` {split: n} adds n text-only rows after the image rows (`text_records`)."""
+    text_rows = text_rows or {}
     out = Path(out)
     questions_per_image = questions_per_image or {}
     caption_every = caption_every or {}
@@ -246,8 +274,10 @@ def write_dataset(
             records.extend(recs)
             if progress is not None:
                 progress(split, 1)
-        if split in preference:
+        if split in preference:  # (the image rows' questions: the text rows are language pretraining)
             records = add_preference_pairs(records, seed)
+        if text_rows.get(split):
+            records.extend(text_records(split, text_rows[split], seed, split in balanced))
         path = out / f"{split}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(records, indent=0))

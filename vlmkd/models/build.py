@@ -91,6 +91,23 @@ def copy_language_model(model, lm, source_dir) -> None:
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
 
 
+def save_language_model(model, tok, out: str | Path) -> Path:
+    """A VLM's language model and LM head saved as a causal LM (`AutoModelForCausalLM` of its text
+    config, with the tokenizer): what `text_from` reads, so a language model pretrained inside a VLM
+    (a text-only stage) starts students the way a real family's LLM does."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    src = text_model(model)
+    target = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    target.load_state_dict(src.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    lm.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
 def copy_vision(model, source_dir) -> None:
     """Start from another model's vision tower (the teacher's), as LLaVA-KD's students share the
     teacher's vision encoder; the configs must match. `source_dir`: a model directory, or a cache's

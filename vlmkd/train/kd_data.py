@@ -116,7 +116,12 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             qpos[i, :q] = torch.from_numpy(s["qpos"])
             qmask[i, :q] = True
         batch.update(t_attn=t_attn.mean(2), t_qpos=qpos, t_qmask=qmask)
-    if "r_input_ids" in samples[0]:  # the reader refuses a sample without the pref payload it was asked for
+    paired = ["r_input_ids" in s for s in samples]  # preference pairs: every sample of the batch, or none
+    if any(paired) and not all(paired):
+        lone = samples[paired.index(False)]
+        raise CacheError(f"sample {lone['id']} has no preference pair (no `rejected` answer) while others of its batch "
+                         "do: give the stage with the `pref` term only paired samples (its `data` / `prompt_regex`)")
+    if all(paired):
         r_ids, r_attn, r_lab = _right_pad([s["r_input_ids"] for s in samples], pad_id,
                                           [s["r_response"] for s in samples])
         batch.update(r_input_ids=r_ids, r_attention_mask=r_attn, r_labels_mask=r_lab,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmkd.data.dataset import IMAGE_INPUTS
+from vlmkd.errors import CacheError
 from vlmkd.losses import preference_kd
 from vlmkd.train.terms.base import Setup, Step, Term
 
@@ -28,6 +29,9 @@ class Pref(Term):
 
     def loss(self, s: Step) -> torch.Tensor:
         b = s.batch
+        if "r_input_ids" not in b:
+            raise CacheError("the pref term's batch has no preference pairs: its samples have no `rejected` answer in the "
+                             "cache (build it from data with `rejected` answers, and select them with the stage's `data`)")
         chosen = sequence_logprob(s.logits, b["input_ids"], b["labels_mask"])
         images = {k: b[k] for k in IMAGE_INPUTS if k in b}
         r_logits = s.model(input_ids=b["r_input_ids"], attention_mask=b["r_attention_mask"], **images).logits

@@ -118,3 +118,58 @@ def test_a_term_refuses_a_cache_without_its_payload(trained_tiny_teacher, self_c
         recipe = parse_recipe({"model": {}, "stages": [{"name": "s", "steps": 1, "losses": losses, "loss_args": args}]})
         with pytest.raises(RecipeError, match=msg):
             KDObjective(model, cache_facts(head), recipe.stages)
+
+
+def test_all_position_logit_kd_reads_every_text_row_of_a_score_text_cache(trained_tiny_teacher, shapes_dir, tmp_path):
+    """`score_text` caches the teacher's rows at every position that predicts a text token (prompt and
+    response, Align-KD's all-position logit KD); they are the teacher's own distributions, the `txt`
+    term of the teacher distilled into itself is ~0 and a one-position shift is caught; `txt` on a
+    cache without them is refused naming the option."""
+    import numpy as np
+
+    from vlmkd.data.dataset import collate, model_inputs
+    from vlmkd.data.items import load_items
+    from vlmkd.data.rejects import RejectLog
+
+    cache = tmp_path / "cache"
+    run_cache_job(CacheJob(trained_tiny_teacher, shapes_dir / "val.json", cache,
+                           Extraction(topk=64, score_text=True, attn_layers=[], hidden_points=[], gram=False)))
+    model, hf_tok = load_model(trained_tiny_teacher)
+    model.eval()
+    tok, layout = data_tokenizer(model, hf_tok)
+    items = {it.sample.id: it for it in load_items(shapes_dir / "val.json", tok, layout, RejectLog(None), show=False)}
+    kls, n = [], 0
+    for s in CacheReader(cache, payloads=("tokens", "topk")).samples():
+        it = items[s["id"]]
+        visual = np.asarray(it.enc.image_mask, dtype=bool)
+        assert np.array_equal(s["pos"], np.flatnonzero(~visual[:-1]))  # every text row, none visual
+        with torch.no_grad():
+            full = torch.log_softmax(model(**model_inputs(collate([it], layout, tok.pad_id))).logits[0].double(), -1)
+        for r, pos in enumerate(s["pos"]):
+            p = full[pos].exp()
+            p_top = p[torch.from_numpy(s["ids"][r])]
+            p_tail = (1 - p_top.sum()).clamp_min(1e-300)
+            kls.append(float((p_top * (p_top.log() - torch.from_numpy(s["logprobs"][r]).double())).sum()
+                             + p_tail * (p_tail.log() - float(s["tail"][r]))))
+        n += 1
+    assert n == 30 and np.mean(kls) < 1e-3, np.mean(kls)
+
+    recipe = parse_recipe({"model": {"path": str(trained_tiny_teacher)}, "stages": [
+        {"name": "kd", "steps": 1, "batch_size": 8, "data": "all", "losses": {"txt": 1.0, "res": 1.0}}]})
+    stage = recipe.stages[0]
+    objective = KDObjective(model, cache_facts(CacheReader(cache, payloads=())), recipe.stages)
+    batch = next(CacheSource(CacheReader(cache, payloads=objective.payloads), layout, tok.pad_id,
+                             workers=0).batches(0, stage, 0))
+    assert batch["t_txt"].sum() > 2 * batch["t_res"].sum() and bool((batch["t_txt"] | ~batch["t_res"]).all())
+    with torch.no_grad():
+        same = {k: float(v) for k, v in objective(stage, model, batch).items()}
+        for key in ("t_txt", "t_res", "t_ids", "t_lp", "t_tail"):
+            batch[key] = torch.roll(batch[key], 1, dims=1)
+        shifted = {k: float(v) for k, v in objective(stage, model, batch).items()}
+    print("txt aligned / shifted:", same, shifted)
+    assert same["txt"] < 2e-3 and shifted["txt"] > 20 * max(same["txt"], 1e-8)
+    plain = tmp_path / "plain"
+    run_cache_job(CacheJob(trained_tiny_teacher, shapes_dir / "val.json", plain,
+                           Extraction(topk=8, attn_layers=[], hidden_points=[], gram=False)))
+    with pytest.raises(RecipeError, match="--score-text"):
+        KDObjective(model, cache_facts(CacheReader(plain, payloads=())), recipe.stages)

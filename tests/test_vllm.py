@@ -182,7 +182,8 @@ def test_vllm_loads_a_merged_lora_student(two_caches, shapes_dir, tmp_path):
 
 @pytest.mark.parametrize("layout", ["idefics3", "llava"])
 def test_raw_parity_per_layout(layout, hf_tok, shapes_dir, tmp_path):
-    """Each layout vlmkd builds, as vLLM loads it here: same scored positions, top-k sets equal on
+    """Each layout vlmkd builds, as vLLM loads it here: same scored positions (response, visual and, with
+    score_text, every prompt row), top-k sets equal on
     >= 99.9 % of rows (a near-tie at the k-th place aside), |d log p| and tail mass within 1e-4. A
     layout vLLM cannot load here (LLaVA without torchvision) is skipped with vLLM's reason."""
     import torch
@@ -202,7 +203,7 @@ def test_raw_parity_per_layout(layout, hf_tok, shapes_dir, tmp_path):
     if not ok:
         pytest.skip(why)
     samples, _ = load_samples(shapes_dir / "val.json")
-    settings = Extraction(topk=8, score_visual=True)
+    settings = Extraction(topk=8, score_visual=True, score_text=True)  # every position: prompt rows too
     got = {}
     for name, cls in (("hf", HFTeacher), ("vllm", VLLMTeacher)):
         teacher = cls(model_dir, settings)

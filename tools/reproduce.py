@@ -19,6 +19,10 @@ cache alone and from both caches (`--teacher-weights`, `--second-teacher-rows`).
 that row's students quantised after training (`vlmkd.models.quant`, GROUP 0 = per channel), the
 baseline of the qat_* rows, which score their integer export.
 
+--quick also runs the pretrained-student rows (PRETRAINED_ROWS, one seed): the papers' regime of
+tools/ablations.py (DIR/pretrained: the image first, teacher and student LLMs pretrained on text, one
+cache), the same as docs/RESULTS.md's ablation tables, so CI trains that regime end to end.
+
 --quick without --demo builds DIR/demo first (vlmkd.demo.MINI: 6,000 training questions, no
 captions, pipelines/teacher_quick.yaml: 1,600 teacher steps to ~0.86, a cache through the transformers
 backend), then trains one seed of sft, logit_kd and mdist at the recipes' own budget: about 9 minutes
@@ -38,6 +42,7 @@ RECIPES = ["sft", "logit_kd", "mdist", "mdist_rdist", "llava_kd", "align_kd", "l
            "qat_int4", "qat_int4_pc"]
 # llava_mod_pd (all three LLaVA-MoD parts) needs preference pairs: --cache-variants llava_mod_pd@pairs:64
 QUICK_RECIPES = ["sft", "logit_kd", "mdist"]
+PRETRAINED_ROWS = ["llava_kd/sft", "llava_kd/mdist"]  # --quick: tools/ablations.py rows in the pretrained regime
 TEACHER_BATCH = 32  # the recipes' batch size: the online teacher forward is timed on one such batch
 
 
@@ -172,6 +177,8 @@ def run(args) -> dict:
         first = args.out / "students" / name.replace(":", "") / "seed0" / "model"
         if "params" not in results[name] and (first / "config.json").is_file():
             results[name]["params"] = parameter_counts(first)
+    if args.quick:
+        results["pretrained"] = pretrained_rows(args.out)
     results["cost"] = cost
     results["commit"] = code_commit()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -180,6 +187,14 @@ def run(args) -> dict:
     curves(args.out, args.out / "curves.png")
     print((args.out / "RESULTS.md").read_text())
     return results
+
+
+def pretrained_rows(out: Path) -> dict:
+    """The pretrained-student rows (one seed) of tools/ablations.py's papers' regime, built under OUT/pretrained."""
+    from ablations import run_regime
+
+    res = run_regime(out, "pretrained", range(1), PRETRAINED_ROWS, workers=1)
+    return {"teacher": res["teacher"], **{row: res[row] for row in PRETRAINED_ROWS}}
 
 
 def build_variant_cache(spec: str, data: Path, teacher: Path, root: Path) -> Path:
@@ -333,6 +348,15 @@ def markdown(results: dict, args) -> str:
         if fq:
             lines.append(f"\n{name}: the row scores the exported integer model; the fake-quantised model it was "
                          f"trained as scores {fq['mean']:.3f} ± {fq['std']:.3f}.")
+    pre = results.get("pretrained")
+    if pre:
+        lines.append(f"| *pretrained regime (tools/ablations.py):* teacher | 1 | {pre['teacher']['accuracy']:.3f} | "
+                     + " | ".join(f"{pre['teacher']['per_type'][x]['accuracy']:.3f}" for x in types) + " | | | |")
+        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
+        for row in PRETRAINED_ROWS:
+            r = pre[row]
+            lines.append(f"| pretrained {row} | {r['runs']} | {cell(r['accuracy'])} | "
+                         + " | ".join(cell(r["per_type"].get(x)) for x in types) + f" | {cell(r['val_nll'])} | | |")
     quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± sample SD over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions; code at "

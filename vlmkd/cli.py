@@ -195,6 +195,8 @@ def cache_teacher(
     draws: int | None = typer.Option(None, help="--logits sampled: draws per scored position (default 50)"),
     proposal_temperature: float | None = typer.Option(None, help="--logits sampled: draw from p^(1/t) (default 1)"),
     score_visual: bool | None = typer.Option(None, help="also score visual-token positions (LLaVA-KD L_vis)"),
+    score_text: bool | None = typer.Option(None, help="also score every prompt text position (the txt term: logit "
+                                                      "KD at every text position, Align-KD's as its authors compute it)"),
     hidden_points: str | None = typer.Option(None, help="visual hidden states to store, e.g. projector,final,"
                                                         "layer:3 (default projector,final; layer maps)"),
     text_pool: bool | None = typer.Option(None, help="store the pooled text hidden state (contrastive text term)"),
@@ -218,7 +220,7 @@ def cache_teacher(
 
     _threads(threads)
     settings = extraction_from(recipe, topk=topk, top_p=top_p, topk_min=topk_min, shard_layout=shard_layout,
-                               score_visual=score_visual, batch_size=batch_size, logits=logits,
+                               score_visual=score_visual, score_text=score_text, batch_size=batch_size, logits=logits,
                                draws=draws, proposal_temperature=proposal_temperature, text_pool=text_pool,
                                keep_text=keep_text, hidden_points=hidden_points.split(",") if hidden_points else None)
     run_cache_job(CacheJob(teacher, data, out, settings, backend, num_shards, shard_index, samples_per_shard,

@@ -24,7 +24,7 @@ from vlmkd.models.probe import probe, visual_states
 
 # settings newer than the first caches: recorded only away from their defaults (the value every
 # older cache was made with), so those caches keep their fingerprint
-LATER_SETTINGS = ("top_p", "topk_min", "shard_layout", "keep_text")
+LATER_SETTINGS = ("top_p", "topk_min", "shard_layout", "keep_text", "score_text")
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Extraction:
     sample_seed: int = 0
     code_bits: int = 8  # top-k log-prob quantisation (docs/FORMAT.md)
     score_visual: bool = False  # LLaVA-KD L_vis: also score the visual-token positions
+    # also score every prompt text position (the `txt` term: logit KD at every text position, as the
+    # Align-KD authors distil the logits; the shipped caches score the response only)
+    score_text: bool = False
     attn_layers: list[int] = field(default_factory=lambda: [0])
     attn_heads: str = "mean"  # "mean" over heads, or "all"
     hidden_points: list[str] = field(default_factory=lambda: ["projector", "final"])
@@ -182,7 +185,7 @@ class HFTeacher:
         for b, it in enumerate(items):
             enc = it.enc
             T = len(enc.input_ids)
-            pos = scored_positions(enc, s.score_visual)
+            pos = scored_positions(enc, s.score_visual, s.score_text)
             members = {}
             if self.with_topk:
                 rows = logits[b, torch.from_numpy(pos)]
@@ -252,7 +255,7 @@ class HFTeacher:
         logits = self.model(**model_inputs(batch)).logits
         out = []
         for b, it in enumerate(items):
-            pos = scored_positions(it.enc, self.settings.score_visual)
+            pos = scored_positions(it.enc, self.settings.score_visual, self.settings.score_text)
             ids, lps, tail = topk_rows(logits[b, torch.from_numpy(pos)], self.settings.topk)
             out.append((pos, ids.numpy(), lps.double().numpy(), tail.double().numpy()))
         return out
@@ -272,11 +275,16 @@ def response_logprobs(logits: torch.Tensor, enc) -> np.ndarray:
     return rows.gather(-1, torch.from_numpy(enc.input_ids[t]).long()[:, None])[:, 0].numpy()
 
 
-def scored_positions(enc, score_visual: bool) -> np.ndarray:
-    """The rows the cache stores: pos = t - 1 for response tokens t, and pos = t for visual tokens t."""
+def scored_positions(enc, score_visual: bool, score_text: bool = False) -> np.ndarray:
+    """The rows the cache stores: pos = t - 1 for response tokens t, pos = t for visual tokens t
+    (`score_visual`), and with `score_text` every other position that predicts a next token (the prompt's
+    text and template rows)."""
     pos = np.flatnonzero(enc.labels_mask) - 1
     if score_visual:
         pos = np.union1d(pos, np.flatnonzero(enc.image_mask))
+    if score_text:
+        text = np.flatnonzero(~np.asarray(enc.image_mask, dtype=bool)[:-1])
+        pos = np.union1d(pos, text)
     return pos
 
 

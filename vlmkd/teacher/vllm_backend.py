@@ -114,7 +114,7 @@ class VLLMTeacher:
         for it, o in zip(items, outs, strict=True):
             enc = it.enc
             check_prompt(it, o.prompt_token_ids)
-            pos = scored_positions(enc, s.score_visual)
+            pos = scored_positions(enc, s.score_visual, s.score_text)
             k = min(s.topk, self.vocab_size)
             ids = np.zeros((len(pos), k), dtype=np.int64)
             lps = np.zeros((len(pos), k), dtype=np.float64)

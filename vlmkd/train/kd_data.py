@@ -82,6 +82,7 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
         t_tail = torch.full((B, T), float("-inf"))
         t_res = torch.zeros((B, T), dtype=torch.bool)
         t_vis = torch.zeros((B, T), dtype=torch.bool)
+        t_txt = torch.zeros((B, T), dtype=torch.bool)
         for i, s in enumerate(samples):
             pos = torch.from_numpy(s["pos"])
             m = s["ids"].shape[1]
@@ -96,8 +97,10 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
             resp_rows = np.flatnonzero(s["response"]) - 1
             t_res[i, torch.from_numpy(resp_rows)] = True
             t_vis[i, torch.from_numpy(np.flatnonzero(s["visual"]))] = True
-            t_vis[i] &= torch.zeros(T, dtype=torch.bool).index_fill_(0, pos, True)  # only rows that were scored
-        batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis)
+            scored = torch.zeros(T, dtype=torch.bool).index_fill_(0, pos, True)
+            t_vis[i] &= scored  # only rows that were scored
+            t_txt[i] = scored & ~torch.from_numpy(np.pad(s["visual"].astype(bool), (0, T - len(s["visual"]))))
+        batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis, t_txt=t_txt)
         if sampled:
             batch["t_w"] = t_w
     if "x_pos" in samples[0]:

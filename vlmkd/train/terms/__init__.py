@@ -20,10 +20,11 @@ from vlmkd.train.terms.feat import Feat
 from vlmkd.train.terms.pref import Pref
 from vlmkd.train.terms.rel import Rel
 from vlmkd.train.terms.res import Res
+from vlmkd.train.terms.txt import Txt
 from vlmkd.train.terms.uld import Uld
 from vlmkd.train.terms.vis import Vis
 
-ORDER = (Balance, CE, Res, Vis, Uld, Pref, Rel, Attn, Align, Feat, Contrast)
+ORDER = (Balance, CE, Res, Txt, Vis, Uld, Pref, Rel, Attn, Align, Feat, Contrast)
 TERMS: dict[str, type[Term]] = {t.name: t for t in ORDER}
 # options of the objective itself, not of one term: how ce / res / vis meet the LM head
 STAGE_OPTIONS = {"logit_impl": ("auto", "full", "torch", "triton")}

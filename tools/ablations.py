@@ -194,6 +194,17 @@ def report(out: Path) -> str:
                 cells += [cell(x["accuracy"]) if x else "", cell(x["val_nll"], 4) if x else ""]
             runs = "/".join(str(r[key]["runs"]) for r in res.values() if key in r)
             lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {runs} |")
+    for regime, r in res.items():  # where the rows differ: accuracy per question type, and the seeds
+        types = sorted(r["teacher"]["per_type"])
+        lines += ["", f"Per question type, {regime} regime (mean over seeds; the seeds' accuracies last):", "",
+                  "| row | " + " | ".join(types) + " | seeds |", "| --- |" + " --- |" * (len(types) + 1),
+                  "| teacher | " + " | ".join(f"{r['teacher']['per_type'][t]['accuracy']:.3f}" for t in types) + " | |"]
+        for table, rows in TABLES.items():
+            for row in rows:
+                x = r.get(f"{table}/{row}")
+                if x:
+                    lines.append(f"| {table}/{row} | " + " | ".join(f"{x['per_type'][t]['mean']:.3f}" for t in types)
+                                 + " | " + ", ".join(f"{a:.3f}" for a in x["seeds"]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "ABLATIONS.md").write_text(text)
     chart(res, out / "ablations.png")

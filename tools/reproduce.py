@@ -26,7 +26,8 @@ cache), the same as docs/RESULTS.md's ablation tables, so CI trains that regime 
 --quick without --demo builds DIR/demo first (vlmkd.demo.MINI: 6,000 training questions, no
 captions, pipelines/teacher_quick.yaml: 1,600 teacher steps to ~0.86, a cache through the transformers
 backend), then trains one seed of sft, logit_kd and mdist at the recipes' own budget: about 9 minutes
-on 2 cores (teacher 6, cache 0.4, students 2.2).
+on 2 cores (teacher 6, cache 0.4, students 2.2); the pretrained-student rows add about 25 (their
+teacher 14, cache 6, student LLM 2, two students 3).
 """
 
 from __future__ import annotations

@@ -154,12 +154,20 @@ def run_regime(out: Path, regime: str, seeds, rows: list[str], workers: int, max
             jobs[(row, seed)] = (str(recipe), str(built["cache"]), str(folder / "students" / row / f"seed{seed}"),
                                  str(data / "val.json"), str(data / "test.json"), seed, max_steps)
     scores: dict = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-        futures = {key: pool.submit(train_and_score, *job) for key, job in jobs.items()}
-        for key, fut in futures.items():
-            scores[key] = fut.result()
-            print(f"{regime} {key[0]} seed {key[1]}: accuracy {scores[key]['accuracy']:.3f}, "
-                  f"held-out NLL {scores[key]['val_nll']:.4f}", flush=True)
+
+    def said(key, sc):
+        scores[key] = sc
+        print(f"{regime} {key[0]} seed {key[1]}: accuracy {sc['accuracy']:.3f}, held-out NLL {sc['val_nll']:.4f}",
+              flush=True)
+
+    if workers == 1:  # in this process, with its threads
+        for key, job in jobs.items():
+            said(key, train_and_score(*job))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+            futures = {key: pool.submit(train_and_score, *job) for key, job in jobs.items()}
+            for key, fut in futures.items():
+                said(key, fut.result())
     for row in rows:
         per_seed = [scores[(row, s)] for s in seeds]
         results[row] = aggregate(per_seed)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 
 def run(*args, cwd=None):
@@ -79,3 +80,23 @@ def test_quick_fault_campaign(tmp_path):
     assert r["fuzz"]["ok"] and r["fuzz"]["outcomes"]["crash"] == 0 and r["fuzz"]["outcomes"]["dropped"] == 0
     e2e = r["fuzz"]["end_to_end"]  # every case's rows through cache-teacher, training and eval
     assert e2e["ok"] and e2e["cache"]["samples"] > 0 and e2e["train"]["steps"] == 8
+
+
+@pytest.mark.slow
+def test_quick_demo_in_the_papers_regime(tmp_path):
+    """`vlmkd demo --regime pretrained`: text rows, an image-first teacher, the student LLM pretrained on
+    text and saved alone, students started from it; a misspelt regime is one clear line."""
+    bad = run("demo", "--out", str(tmp_path / "x"), "--quick", "--regime", "pretrianed")
+    assert bad.returncode == 2 and "choose scratch or pretrained" in bad.stdout + bad.stderr
+    out = run("demo", "--out", str(tmp_path / "d"), "--quick", "--regime", "pretrained")
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = tmp_path / "d"
+    rows = json.loads((d / "data/train.json").read_text())
+    assert sum(r.get("kind") == "text" for r in rows) == 300
+    assert json.loads((d / "teacher/tokenizer_config.json").read_text())["image_position"] == "start"
+    assert (d / "student_lm/config.json").is_file()
+    for name in ("sft", "mdist"):
+        recipe = yaml.safe_load((d / "recipes" / f"{name}.yaml").read_text())
+        assert recipe["model"]["text_from"] == str(d / "student_lm")
+        assert recipe["stages"][0]["trainable"] == ["projector"]
+        assert json.loads((d / "scores" / f"{name}.json").read_text())["n"] == 100

@@ -26,8 +26,6 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import aggregate, code_commit, parameter_counts  # noqa: E402
@@ -75,6 +73,13 @@ def select_rows(spec: str | None) -> list[str]:
     return out
 
 
+def regime_recipe(row: str, regime: str, lm: Path | None, folder: Path) -> Path:
+    """pipelines/ablations/ROW.yaml as the regime runs it (`vlmkd.demo.regime_recipe`)."""
+    from vlmkd.demo import regime_recipe as adapt
+
+    return adapt(ABLATIONS / f"{row}.yaml", regime, lm, folder / "recipes" / f"{row}.yaml")
+
+
 def build_regime(out: Path, regime: str) -> dict:
     """The regime's data, teacher, cache (and pretrained student LLM), built once."""
     from vlmkd.demo import PRETRAINED, SCRATCH, build_student_lm, build_teacher_and_cache
@@ -84,26 +89,6 @@ def build_regime(out: Path, regime: str) -> dict:
     data, teacher, cache = build_teacher_and_cache(folder, cfg)
     lm = build_student_lm(folder, cfg, cache) if regime == "pretrained" else None
     return {"folder": folder, "data": data, "teacher": teacher, "cache": cache, "student_lm": lm}
-
-
-def regime_recipe(row: str, regime: str, lm: Path | None, folder: Path) -> Path:
-    """pipelines/ablations/ROW.yaml as the regime runs it, written to REGIME/recipes/ROW.yaml."""
-    src = ABLATIONS / f"{row}.yaml"
-    raw = yaml.safe_load(src.read_text())
-    model = raw["model"]
-    model = yaml.safe_load((src.parent / model).read_text()) if isinstance(model, str) else dict(model)
-    if regime == "pretrained":
-        model["text_from"] = str(lm)
-    else:  # an LLM from scratch has read nothing: it learns in the alignment stage too
-        for st in raw["stages"]:
-            if st.get("trainable") == ["projector"]:
-                st["trainable"] = ["projector", "llm"]
-    raw["model"] = model
-    raw["name"] = f"{regime}_{row.replace('/', '_')}"
-    path = folder / "recipes" / f"{row}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {regime} regime of {src.relative_to(ROOT)} (tools/ablations.py)\n" + yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def _one_thread() -> None:

@@ -153,14 +153,20 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a training run folder (wi
 def demo(
     out: Path = typer.Option(Path("demo"), help="folder for data/, teacher/, cache/, students/"),
     quick: bool = typer.Option(False, help="a tiny run to check the plumbing (minutes, low accuracy)"),
+    regime: str = typer.Option("scratch", help="scratch (the image after the question, every model from scratch) or "
+                                               "pretrained (the papers': the image first, LLMs pretrained on text)"),
     threads: int | None = typer.Option(None),
 ):
     """The whole default pipeline: data -> teacher -> eval, with a summary table at the end."""
     from vlmkd.demo import run_demo
 
+    if regime not in ("scratch", "pretrained"):
+        from vlmkd.errors import RecipeError
+
+        raise RecipeError(f"--regime {regime!r}: choose scratch or pretrained")
     _threads(threads)
     t0 = time.time()
-    rows = run_demo(out, quick)
+    rows = run_demo(out, quick, regime)
     print_scores(rows)
     console.print(f"demo finished in {time.time() - t0:.0f} s; everything is under {out}")
 

@@ -2,13 +2,17 @@
 
 OUT/data/{train,val,test}.json (+ images) -> OUT/teacher/ (HF format) -> OUT/cache/ (teacher cache)
 -> OUT/students/{sft,mdist}/ (runs; the student in model/) -> OUT/scores/*.json and a table.
-Each step is skipped when its output is already complete, so a re-run resumes.
+Each step is skipped when its output is already complete, so a re-run resumes. `--regime pretrained`:
+the papers' regime (the image first, teacher and student LLMs pretrained on text; OUT/student_lm), its
+students LLaVA-KD's SFT and MDist-in-DFT rows (pipelines/ablations/llava_kd/).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import yaml
 
 from vlmkd.data.shapes import write_dataset
 from vlmkd.eval.run import evaluate_model
@@ -37,6 +41,8 @@ MINI = {"sizes": {"train": 6000, "val": 300, "test": 500}, "max_steps": None, "s
 SCRATCH = {**MINI, "captions": True, "preference": True}
 PRETRAINED = {**MINI, "captions": True, "preference": True, "text_rows": 20000, "teacher": "teacher_pretrained.yaml",
               "student_lm": "student_lm.yaml"}
+PRETRAINED_QUICK = {**QUICK, "text_rows": 300, "teacher": "teacher_pretrained.yaml", "student_lm": "student_lm.yaml"}
+PRETRAINED_STUDENTS = {"sft": "llava_kd/sft", "mdist": "llava_kd/mdist"}  # pipelines/ablations/ rows
 
 
 def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
@@ -65,6 +71,28 @@ def build_teacher_and_cache(out: Path, cfg: dict) -> tuple[Path, Path, Path]:
     return data, teacher, cache
 
 
+def regime_recipe(src: Path, regime: str, lm: Path | None, dst: Path) -> Path:
+    """A recipe written for the papers' regime (projector-only alignment stages) as `regime` runs it,
+    written to `dst`: `pretrained` starts the student's LLM from `lm` (`model.text_from`); `scratch`
+    also trains the LLM in the projector-only stages, since an LLM from scratch has read nothing."""
+    src = Path(src)
+    raw = yaml.safe_load(src.read_text())
+    model = raw["model"]
+    model = yaml.safe_load((src.parent / model).read_text()) if isinstance(model, str) else dict(model)
+    if regime == "pretrained":
+        model["text_from"] = str(lm)
+    else:
+        for st in raw["stages"]:
+            if st.get("trainable") == ["projector"]:
+                st["trainable"] = ["projector", "llm"]
+    raw["model"] = model
+    raw["name"] = f"{regime}_{raw.get('name', src.stem)}"
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(f"# {regime} regime of {src} (vlmkd.demo.regime_recipe)\n" + yaml.safe_dump(raw, sort_keys=False))
+    return dst
+
+
 def build_student_lm(out: Path, cfg: dict, cache: Path) -> Path:
     """OUT/student_lm: the regime's pretrained student language model (a causal LM with the teacher's
     tokenizer), trained by `cfg["student_lm"]` on the cache's text-only rows, then its LLM saved alone."""
@@ -73,23 +101,31 @@ def build_student_lm(out: Path, cfg: dict, cache: Path) -> Path:
     lm_dir = Path(out) / "student_lm"
     if not (lm_dir / "config.json").is_file():
         run = Path(out) / "runs" / "student_lm"
-        res = train_student_run(PIPELINES / cfg["student_lm"], cache, run, val=Path(out) / "data" / "val.json")
+        res = train_student_run(PIPELINES / cfg["student_lm"], cache, run, val=Path(out) / "data" / "val.json",
+                                max_steps=cfg["student_steps"])
         model, tok = load_model(res.model_dir)
         save_language_model(model, tok, lm_dir)
     console.print(f"student language model: {lm_dir}")
     return lm_dir
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, dict]:
-    cfg = QUICK if quick else FULL
+def run_demo(out: Path, quick: bool = False, regime: str = "scratch") -> dict[str, dict]:
+    if regime not in ("scratch", "pretrained"):
+        raise ValueError(f"regime {regime!r}: scratch or pretrained")
+    pretrained = regime == "pretrained"
+    cfg = (PRETRAINED_QUICK if quick else PRETRAINED) if pretrained else (QUICK if quick else FULL)
     out = Path(out)
     data, teacher, cache = build_teacher_and_cache(out, cfg)
+    lm = build_student_lm(out, cfg, cache) if pretrained else None
     rows = {"teacher": teacher}
     for name in STUDENTS:
         run = out / "students" / name
+        recipe = PIPELINES / f"{name}.yaml"
+        if pretrained:
+            recipe = regime_recipe(PIPELINES / "ablations" / f"{PRETRAINED_STUDENTS[name]}.yaml", regime, lm,
+                                   out / "recipes" / f"{name}.yaml")
         if not (run / "model" / "config.json").is_file():
-            train_student_run(PIPELINES / f"{name}.yaml", cache, run, val=data / "val.json",
-                              max_steps=cfg["student_steps"])
+            train_student_run(recipe, cache, run, val=data / "val.json", max_steps=cfg["student_steps"])
         rows[name] = run / "model"
     scores = out / "scores"
     scores.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import aggregate, code_commit, parameter_counts  # noqa: E402
+from reproduce import aggregate, cell, code_commit, parameter_counts, run_log  # noqa: E402
 
 ABLATIONS = ROOT / "pipelines" / "ablations"
 # each paper's rows in the order its ablation adds them; the last row is the paper's method
@@ -82,12 +81,11 @@ def regime_recipe(row: str, regime: str, lm: Path | None, folder: Path) -> Path:
 
 def build_regime(out: Path, regime: str) -> dict:
     """The regime's data, teacher, cache (and pretrained student LLM), built once."""
-    from vlmkd.demo import PRETRAINED, SCRATCH, build_student_lm, build_teacher_and_cache
+    from vlmkd.demo import PRETRAINED, SCRATCH
+    from vlmkd.demo import build_regime as build
 
-    cfg = PRETRAINED if regime == "pretrained" else SCRATCH
     folder = out / regime
-    data, teacher, cache = build_teacher_and_cache(folder, cfg)
-    lm = build_student_lm(folder, cfg, cache) if regime == "pretrained" else None
+    data, teacher, cache, lm = build(folder, PRETRAINED if regime == "pretrained" else SCRATCH)
     return {"folder": folder, "data": data, "teacher": teacher, "cache": cache, "student_lm": lm}
 
 
@@ -111,13 +109,7 @@ def train_and_score(recipe: str, cache: str, run_dir: str, val: str, test: str, 
     res = train_student_run(Path(recipe), Path(cache), run, val=Path(val), seed=seed, max_steps=max_steps)
     secs = time.time() - t
     sc = evaluate_model(res.model_dir, Path(test))
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in metrics if m["kind"] == "eval"]
-    sc["val_nll"] = evals[-1]["val_nll"] if evals else None
-    sc["curve"] = [(m["step"], m.get("val_accuracy"), m.get("val_nll")) for m in evals]
-    steps = [m["step_seconds"] for m in metrics if m["kind"] == "train" and "step_seconds" in m]
-    sc["step_seconds"] = statistics.median(steps[1:] or steps) if steps else None
-    sc["train_seconds"] = secs
+    sc.update(run_log(run), train_seconds=secs)
     sc["params"] = parameter_counts(res.model_dir)
     done.write_text(json.dumps(sc, indent=1))
     return sc
@@ -161,10 +153,6 @@ def run_regime(out: Path, regime: str, seeds, rows: list[str], workers: int, max
     results["commit"] = code_commit()
     results_path.write_text(json.dumps(results, indent=1))
     return results
-
-
-def cell(m: dict | None, digits: int = 3) -> str:
-    return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}" if m else ""
 
 
 def report(out: Path) -> str:

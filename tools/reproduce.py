@@ -129,14 +129,8 @@ def run(args) -> dict:
                 fake_quant = evaluate_model(res.model_dir, data / "test.json", limit=args.test_limit)["accuracy"]
             sc = evaluate_model(exported[0] if exported else res.model_dir, data / "test.json", limit=args.test_limit)
             sc["fake_quant_accuracy"] = fake_quant
-            metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            evals = [m for m in metrics if m["kind"] == "eval"]
-            sc["val_nll"] = evals[-1]["val_nll"] if evals else None
-            sc["train_seconds"] = secs
-            sc["steps"] = res.steps
-            # the median logged step (data + forward + backward + update), not evaluation or saving
-            step_times = [m["step_seconds"] for m in metrics if m["kind"] == "train" and "step_seconds" in m]
-            sc["step_seconds"] = statistics.median(step_times[1:] or step_times) if step_times else None
+            logged = run_log(run_dir)
+            sc.update(val_nll=logged["val_nll"], step_seconds=logged["step_seconds"], train_seconds=secs, steps=res.steps)
             sc["params"] = parameter_counts(res.model_dir)
             rows.append(sc)
         results[name] = aggregate(rows)
@@ -238,6 +232,18 @@ def build_second_cache(teacher: Path, like: Path, out: Path) -> Path:
     return out
 
 
+def run_log(run_dir: Path) -> dict:
+    """What a student run's metrics.jsonl says: the last held-out NLL, the median logged step (data +
+    forward + backward + update, not evaluation or saving; the first step's warm-up left out) and the
+    validation curve [(step, accuracy, NLL)]."""
+    metrics = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    steps = [m["step_seconds"] for m in metrics if m["kind"] == "train" and "step_seconds" in m]
+    return {"val_nll": evals[-1]["val_nll"] if evals else None,
+            "step_seconds": statistics.median(steps[1:] or steps) if steps else None,
+            "curve": [(m["step"], m.get("val_accuracy"), m.get("val_nll")) for m in evals]}
+
+
 def parameter_counts(model_dir: Path) -> dict:
     """Total and per-token active parameters (an MoE student uses top-k of its experts), LLM included."""
     from vlmkd.models.build import load_model
@@ -326,38 +332,42 @@ def aggregate(rows: list[dict]) -> dict:
             "n": rows[0]["n"], "seeds": [r["accuracy"] for r in rows]}
 
 
+def cell(m: dict | None, digits: int = 3) -> str:
+    """mean ± sample SD of an `aggregate` entry ('' when there is none)."""
+    return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}" if m else ""
+
+
+def teacher_line(label: str, t: dict, types: list[str]) -> str:
+    return (f"| {label} | 1 | {t['accuracy']:.3f} | " + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types)
+            + " | | | |")
+
+
 def markdown(results: dict, args) -> str:
     types = sorted(results["teacher"]["per_type"])
     head = ("| model | runs | accuracy | " + " | ".join(types)
             + " | held-out NLL | teacher logits, B / scored token | parameters (active) |\n")
     head += "| --- " * (len(types) + 6) + "|\n"
     lines = []
-    t = results["teacher"]
     for key, label in (("teacher", "teacher"), ("teacher_b", "teacher B (--second-teacher)")):
         if key in results:
-            t = results[key]
-            lines.append(f"| {label} | 1 | {t['accuracy']:.3f} | "
-                         + " | ".join(f"{t['per_type'][x]['accuracy']:.3f}" for x in types) + " | | | |")
+            lines.append(teacher_line(label, results[key], types))
     rows = row_names(results)
     for name in rows:
         r = results[name]
-        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
         lines.append(f"| {name} | {r['runs']} | {cell(r['accuracy'])} | " + " | ".join(cell(r["per_type"][x]) for x in types)
                      + f" | {cell(r['val_nll'])} | {r.get('logit_bytes_per_token', 0):.1f} | {params_cell(r)} |")
+    pre = results.get("pretrained")
+    if pre:
+        lines.append(teacher_line("*pretrained regime (tools/ablations.py):* teacher", pre["teacher"], types))
+        for row in PRETRAINED_ROWS:
+            r = pre[row]
+            lines.append(f"| pretrained {row} | {r['runs']} | {cell(r['accuracy'])} | "
+                         + " | ".join(cell(r["per_type"].get(x)) for x in types) + f" | {cell(r['val_nll'])} | | |")
     for name in rows:
         fq = results[name].get("fake_quant_accuracy")
         if fq:
             lines.append(f"\n{name}: the row scores the exported integer model; the fake-quantised model it was "
                          f"trained as scores {fq['mean']:.3f} ± {fq['std']:.3f}.")
-    pre = results.get("pretrained")
-    if pre:
-        lines.append(f"| *pretrained regime (tools/ablations.py):* teacher | 1 | {pre['teacher']['accuracy']:.3f} | "
-                     + " | ".join(f"{pre['teacher']['per_type'][x]['accuracy']:.3f}" for x in types) + " | | | |")
-        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else ""  # noqa: E731
-        for row in PRETRAINED_ROWS:
-            r = pre[row]
-            lines.append(f"| pretrained {row} | {r['runs']} | {cell(r['accuracy'])} | "
-                         + " | ".join(cell(r["per_type"].get(x)) for x in types) + f" | {cell(r['val_nll'])} | | |")
     quick = " --quick" if args.quick else ""
     return (f"Students trained from one cache, same steps, data and seed per row; mean ± sample SD over "
             f"the seeds given in the runs column; n = {results['teacher']['n']} test questions; code at "

@@ -160,10 +160,6 @@ def demo(
     """The whole default pipeline: data -> teacher -> eval, with a summary table at the end."""
     from vlmkd.demo import run_demo
 
-    if regime not in ("scratch", "pretrained"):
-        from vlmkd.errors import RecipeError
-
-        raise RecipeError(f"--regime {regime!r}: choose scratch or pretrained")
     _threads(threads)
     t0 = time.time()
     rows = run_demo(out, quick, regime)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from vlmkd.data.shapes import write_dataset
+from vlmkd.errors import RecipeError
 from vlmkd.eval.run import evaluate_model
 from vlmkd.progress import bar, console
 from vlmkd.teacher.job import CacheJob, run_cache_job
@@ -109,14 +110,19 @@ def build_student_lm(out: Path, cfg: dict, cache: Path) -> Path:
     return lm_dir
 
 
+def build_regime(out: Path, cfg: dict) -> tuple[Path, Path, Path, Path | None]:
+    """build_teacher_and_cache, and the pretrained student LLM where the preset names one."""
+    data, teacher, cache = build_teacher_and_cache(out, cfg)
+    return data, teacher, cache, build_student_lm(out, cfg, cache) if cfg.get("student_lm") else None
+
+
 def run_demo(out: Path, quick: bool = False, regime: str = "scratch") -> dict[str, dict]:
     if regime not in ("scratch", "pretrained"):
-        raise ValueError(f"regime {regime!r}: scratch or pretrained")
+        raise RecipeError(f"--regime {regime!r}: choose scratch or pretrained")
     pretrained = regime == "pretrained"
     cfg = (PRETRAINED_QUICK if quick else PRETRAINED) if pretrained else (QUICK if quick else FULL)
     out = Path(out)
-    data, teacher, cache = build_teacher_and_cache(out, cfg)
-    lm = build_student_lm(out, cfg, cache) if pretrained else None
+    data, teacher, cache, lm = build_regime(out, cfg)
     rows = {"teacher": teacher}
     for name in STUDENTS:
         run = out / "students" / name

@@ -96,10 +96,11 @@ def collate_kd(samples: list[dict], layout: Layout, pad_id: int) -> dict:
                 t_tail[i, pos] = torch.from_numpy(s["tail"])
             resp_rows = np.flatnonzero(s["response"]) - 1
             t_res[i, torch.from_numpy(resp_rows)] = True
-            t_vis[i, torch.from_numpy(np.flatnonzero(s["visual"]))] = True
+            on_image = torch.zeros(T, dtype=torch.bool)
+            on_image[torch.from_numpy(np.flatnonzero(s["visual"]))] = True
             scored = torch.zeros(T, dtype=torch.bool).index_fill_(0, pos, True)
-            t_vis[i] &= scored  # only rows that were scored
-            t_txt[i] = scored & ~torch.from_numpy(np.pad(s["visual"].astype(bool), (0, T - len(s["visual"]))))
+            t_vis[i] = on_image & scored  # only rows that were scored
+            t_txt[i] = scored & ~on_image
         batch.update(t_ids=t_ids, t_lp=t_lp, t_tail=t_tail, t_res=t_res, t_vis=t_vis, t_txt=t_txt)
         if sampled:
             batch["t_w"] = t_w

@@ -32,6 +32,8 @@ class TeacherLogitTerm(Term):
 
     options = LogitOptions
     rows = ""
+    # (extraction setting, its flag, what it stores): a row set only caches built with it hold
+    needs: tuple[str, str, str] | None = None
 
     def __init__(self, opts: LogitOptions, setup: Setup):
         super().__init__(opts, setup)
@@ -48,6 +50,9 @@ class TeacherLogitTerm(Term):
                 raise RecipeError(f"{where}: a distillation temperature needs the teacher's whole distribution to "
                                   "renormalise; a sampled cache supports temperature 1 only")
             self.full_logits = True  # the fused kernels take top-k targets
+        if self.needs and not setup.cache.extraction.get(self.needs[0]):
+            raise RecipeError(f"{setup.where}: loss '{self.name}' needs a cache built with {self.needs[1]} "
+                              f"({self.needs[2]})")
 
     def temperature(self, step: int) -> float:
         t = self.opts.temperature

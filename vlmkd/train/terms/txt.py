@@ -4,16 +4,11 @@ score_text."""
 
 from __future__ import annotations
 
-from vlmkd.errors import RecipeError
-from vlmkd.train.terms.logits import LogitOptions, TeacherLogitTerm
+from vlmkd.train.terms.logits import TeacherLogitTerm
 
 
 class Txt(TeacherLogitTerm):
     name = "txt"
     rows = "t_txt"
-
-    def __init__(self, opts: LogitOptions, setup):
-        super().__init__(opts, setup)
-        if not setup.cache.extraction.get("score_text"):
-            raise RecipeError(f"{setup.where}: loss 'txt' needs a cache built with --score-text (teacher rows at every "
-                              "prompt position; `res` distils the response rows every cache has)")
+    needs = ("score_text", "--score-text",
+             "teacher rows at every prompt position; `res` distils the response rows every cache has")

@@ -3,16 +3,10 @@ score_visual."""
 
 from __future__ import annotations
 
-from vlmkd.errors import RecipeError
-from vlmkd.train.terms.logits import LogitOptions, TeacherLogitTerm
+from vlmkd.train.terms.logits import TeacherLogitTerm
 
 
 class Vis(TeacherLogitTerm):
     name = "vis"
     rows = "t_vis"
-
-    def __init__(self, opts: LogitOptions, setup):
-        super().__init__(opts, setup)
-        if not setup.cache.extraction.get("score_visual"):
-            raise RecipeError(f"{setup.where}: loss 'vis' needs a cache built with --score-visual (teacher rows on "
-                              "visual tokens)")
+    needs = ("score_visual", "--score-visual", "teacher rows on visual tokens")

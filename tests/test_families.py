@@ -257,6 +257,33 @@ def test_a_prefix_lm_refuses_the_samples_its_format_has_no_place_for(images):
     assert enc.encode(Sample("ok", (images[0],), (q, a))).labels_mask.any()
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "llava_onevision", "qwen2_vl"])
+def test_a_familys_language_model_saved_alone_gives_its_logits_or_is_refused_by_name(arch, tmp_path):
+    """`save_language_model` (the pretrained regime's student LLM, for `text_from`) on other families than the
+    demo's: Gemma 3's and OneVision's LLMs come back as their causal LMs with the VLM's own text logits;
+    Qwen2-VL's LLM (multimodal rotary positions) has no text-only class and is refused saying what to do."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vlmkd.errors import ModelError
+    from vlmkd.models.build import save_language_model
+
+    tok = train_family_tokenizer([" ".join(WORDS)] * 4, family_of(arch).tokens, vocab_size=400)
+    torch.manual_seed(5)
+    model = build_model(_spec(arch), tok).eval()
+    if arch == "qwen2_vl":
+        with pytest.raises(ModelError, match="qwen2_vl model's language model .* cannot be saved alone for `text_from`"):
+            save_language_model(model, tok, tmp_path / "lm")
+        return
+    save_language_model(model, tok, tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm")).eval()
+    ids = torch.tensor([tok(" ".join(WORDS[:12]))["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+
+
 def test_probe_equals_the_models_eager_attentions_and_visual_tokens(family_model, images):
     arch, path = family_model
     model, tok = load_model(path)

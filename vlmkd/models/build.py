@@ -98,7 +98,13 @@ def save_language_model(model, tok, out: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    try:
+        lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    except ValueError as e:  # Qwen2-VL / 2.5 / 3's LLMs (multimodal rotary positions) have no text-only class
+        raise ModelError(f"a {model.config.model_type} model's language model ({type(model.config.text_config).__name__}) "
+                         "has no causal-LM class of its own in transformers, so it cannot be saved alone for "
+                         "`text_from`; pretrain it inside the VLM (a text-only stage) and train the student from that "
+                         "checkpoint (`model: {path: DIR}`)") from e
     src = text_model(model)
     target = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     target.load_state_dict(src.state_dict())
